@@ -1,0 +1,896 @@
+"""MVP: the mean velocity policy, offline-to-online RL with one-step action generation.
+
+MVP (Zhan et al., ICLR 2026) trains a network u(a_t, t, r | s) to predict the *mean* velocity
+of a noise-to-action flow over an interval [t, r], so one call maps noise straight to an action
+chunk: a = eps + u(eps, 0, 1 | s). The mean-flow identity gives u's training target; the
+instantaneous velocity constraint (IVC) pins the boundary u(a, t, t) = v that the identity alone
+leaves free. The policy only imitates; a Q-critic ensemble improves behaviour by picking the best
+of N one-step candidates, offline on a dataset and then online.
+
+Commands:
+    python mvp.py --env cube-double                         # paper protocol (1M offline + 1M online)
+    python mvp.py --env cube-double-task1 --offline-steps 20000 --online-steps 0 --hidden-dim 256
+    python mvp.py --eval-only --checkpoint runs/<run>/checkpoint.pt
+    python -m pytest -q test_mvp.py
+
+Time convention (the paper's, also flow-policy code's): noise at t = 0, action at t = 1.
+
+Paper symbol -> code name
+    s                    obs
+    eps ~ N(0, I)        eps
+    a(1), a1             a1: target action chunk, h actions flattened, dim A = h * action_dim
+    a_t                  a_t = (1 - t) * eps + t * a1
+    v = a1 - eps         v
+    t <= r               t, r (shape (B, 1))
+    u_theta(a_t, t, r|s) policy(obs, a_t, t, r)         class MeanVelocityNet
+    du/dt                dudt, from one torch.func.jvp call with tangents (v, 1, 0)
+    L_MF, L_IVC, lambda  mean_flow_loss, ivc_loss, args.ivc_coef
+    Q_k(s, a), K         critic(obs, a) -> (K, B)        class CriticEnsemble
+    N, a*                args.num_candidates, best_of_n(...)
+    h, gamma, tau        args.chunk_len, args.discount, args.tau
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ================================================================================================
+# Arguments: every constant of the spec, with the spec's default and a one-line help.
+# ================================================================================================
+@dataclass
+class Args:
+    env: str = field(default="cube-double", metadata=dict(help="OGBench task: full name or alias (cube-double, cube-triple-task4, ...)"))
+    seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
+    device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
+    # protocol [QC]
+    offline_steps: int = field(default=1_000_000, metadata=dict(help="offline gradient steps on the dataset"))
+    online_steps: int = field(default=1_000_000, metadata=dict(help="online environment steps (1 update per step)"))
+    start_training: int = field(default=5_000, metadata=dict(help="online updates begin after this many env steps"))
+    batch_size: int = field(default=256, metadata=dict(help="minibatch size"))
+    lr: float = field(default=3e-4, metadata=dict(help="Adam learning rate, actor and critic"))
+    hidden_dim: int = field(default=512, metadata=dict(help="width of actor and critic MLPs"))
+    num_layers: int = field(default=4, metadata=dict(help="hidden layers of actor and critic MLPs"))
+    num_critics: int = field(default=2, metadata=dict(help="critic ensemble size K"))
+    discount: float = field(default=0.99, metadata=dict(help="gamma"))
+    tau: float = field(default=0.005, metadata=dict(help="Polyak rate of the target critic"))
+    chunk_len: int = field(default=5, metadata=dict(help="action chunk length h"))
+    num_candidates: int = field(default=32, metadata=dict(help="best-of-N candidates N"))
+    # MVP policy loss [paper]
+    ivc_coef: float = field(default=1.0, metadata=dict(help="lambda on L_IVC; 0 is the paper's ablation"))
+    time_sampler: str = field(default="uniform", metadata=dict(help="(t, r) sampler: uniform | logit_normal [choice]"))
+    time_mu: float = field(default=-0.4, metadata=dict(help="logit-normal mean (MeanFlow's value)"))
+    time_sigma: float = field(default=1.0, metadata=dict(help="logit-normal std (MeanFlow's value)"))
+    equal_tr_frac: float = field(default=0.0, metadata=dict(help="fraction of L_MF rows with r = t (MeanFlow's implicit boundary)"))
+    imitation_target: str = field(default="buffer", metadata=dict(help="online policy target: buffer (chunks in the replay buffer) | best_of_n (recomputed a*)"))
+    # evaluation and logging
+    eval_interval: int = field(default=100_000, metadata=dict(help="evaluate every this many steps in each phase (0: only at the end)"))
+    eval_episodes: int = field(default=50, metadata=dict(help="episodes per evaluation"))
+    log_interval: int = field(default=1_000, metadata=dict(help="write a CSV row every this many updates"))
+    # data
+    dataset_dir: str | None = field(default=None, metadata=dict(help="OGBench dataset directory (default ~/.ogbench/data)"))
+    generate_data: bool = field(default=False, metadata=dict(help="generate the play dataset with OGBench's scripted planner"))
+    dataset_episodes: int | None = field(default=None, metadata=dict(help="episodes to generate (default: public size); implies --generate-data"))
+    data_seed: int = field(default=0, metadata=dict(help="seed of the generated dataset"))
+    data_workers: int = field(default=0, metadata=dict(help="worker processes for generation (0: all cores)"))
+    # output
+    run_dir: str | None = field(default=None, metadata=dict(help="output directory (default runs/<env>_s<seed>_<time>)"))
+    checkpoint: str | None = field(default=None, metadata=dict(help="checkpoint to evaluate with --eval-only"))
+    eval_only: bool = field(default=False, metadata=dict(help="only evaluate --checkpoint"))
+
+
+def parse_args(argv=None) -> Args:
+    """Build an argparse parser from the dataclass (flags use dashes) and validate values."""
+    parser = argparse.ArgumentParser(description="MVP: mean velocity policy (offline-to-online RL).", allow_abbrev=False)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default {f.default})")
+    ns = parser.parse_args(argv)
+    args = Args(**vars(ns))
+    args._explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    problems = []
+    for name in ["num_candidates", "chunk_len", "batch_size", "hidden_dim", "num_layers", "num_critics", "eval_episodes", "log_interval"]:
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers"]:
+        if getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.ivc_coef < 0:
+        problems.append(f"--ivc-coef must be >= 0 (got {args.ivc_coef})")
+    if not 0.0 <= args.equal_tr_frac <= 1.0:
+        problems.append(f"--equal-tr-frac must be in [0, 1] (got {args.equal_tr_frac})")
+    if not 0.0 < args.discount <= 1.0:
+        problems.append(f"--discount must be in (0, 1] (got {args.discount})")
+    if not 0.0 < args.tau <= 1.0:
+        problems.append(f"--tau must be in (0, 1] (got {args.tau})")
+    if args.lr <= 0:
+        problems.append(f"--lr must be > 0 (got {args.lr})")
+    if args.time_sampler not in ("uniform", "logit_normal"):
+        problems.append(f"--time-sampler must be uniform or logit_normal (got {args.time_sampler!r})")
+    if args.imitation_target not in ("buffer", "best_of_n"):
+        problems.append(f"--imitation-target must be buffer or best_of_n (got {args.imitation_target!r})")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        problems.append(f"--device must be auto, cpu or cuda (got {args.device!r})")
+    if args.dataset_episodes is not None and args.dataset_episodes < 1:
+        problems.append(f"--dataset-episodes must be >= 1 (got {args.dataset_episodes})")
+    if args.eval_only and not args.checkpoint:
+        problems.append("--eval-only needs --checkpoint PATH")
+    if not args.eval_only:
+        try:
+            resolve_env_name(args.env)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    """The one place that decides CPU vs CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch.")
+    return torch.device(name)
+
+
+# ================================================================================================
+# Networks
+# ================================================================================================
+def mlp(in_dim: int, hidden_dim: int, num_layers: int, out_dim: int) -> nn.Sequential:
+    """num_layers hidden layers of width hidden_dim with GELU, then a linear head (the actor: no LayerNorm [QC])."""
+    layers, d = [], in_dim
+    for _ in range(num_layers):
+        layers += [nn.Linear(d, hidden_dim), nn.GELU()]
+        d = hidden_dim
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class MeanVelocityNet(nn.Module):
+    """u_theta(a_t, t, r | s): the mean velocity of the flow over [t, r] at point a_t, given state s.
+
+    t and r enter as raw scalars next to s and a_t (as Flow Q-Learning feeds t). Every input is an
+    explicit argument so torch.func.jvp can push tangents through (a_t, t, r) while s stays fixed.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp(obs_dim + act_dim + 2, hidden_dim, num_layers, act_dim)
+
+    def forward(self, obs, a_t, t, r):
+        return self.net(torch.cat([obs, a_t, t, r], dim=-1))
+
+
+class EnsembleLinear(nn.Module):
+    """K independent linear layers applied as one batched matmul: (K, B, in) -> (K, B, out)."""
+
+    def __init__(self, num_members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_members, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class CriticEnsemble(nn.Module):
+    """K critics Q_k(s, a), MLPs with GELU and LayerNorm [QC]; the ensemble is a leading axis (K, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, num_members: int):
+        super().__init__()
+        self.num_members = num_members
+        dims = [obs_dim + act_dim] + [hidden_dim] * num_layers
+        self.layers = nn.ModuleList(EnsembleLinear(num_members, i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.norm_scale = nn.ParameterList(nn.Parameter(torch.ones(num_members, 1, hidden_dim)) for _ in range(num_layers))
+        self.norm_shift = nn.ParameterList(nn.Parameter(torch.zeros(num_members, 1, hidden_dim)) for _ in range(num_layers))
+        self.head = EnsembleLinear(num_members, hidden_dim, 1)
+
+    def forward(self, obs, a):
+        x = torch.cat([obs, a], dim=-1).unsqueeze(0).expand(self.num_members, -1, -1)  # (K, B, in)
+        for layer, scale, shift in zip(self.layers, self.norm_scale, self.norm_shift):
+            x = F.gelu(layer(x))  # Dense -> GELU -> LayerNorm, as Flow Q-Learning's MLP
+            x = F.layer_norm(x, x.shape[-1:]) * scale + shift  # per-member affine (K, 1, hidden)
+        return self.head(x).squeeze(-1)  # (K, B)
+
+
+# ================================================================================================
+# Mean-flow maths: (t, r) sampler, L_MF with one JVP, L_IVC
+# ================================================================================================
+def sample_times(batch_size: int, sampler: str, mu: float, sigma: float, equal_frac: float,
+                 generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (t, r) with 0 <= t <= r <= 1, each of shape (B, 1) [choice: not given in the paper].
+
+    Two times are drawn (uniform, or logit-normal as in MeanFlow) and sorted. With continuous draws
+    r != t almost surely, so L_MF never sees the boundary and only L_IVC pins it. equal_frac > 0
+    sets r = t on that fraction of rows: MeanFlow's implicit boundary, for comparison.
+    """
+    if sampler == "uniform":
+        x = torch.rand(batch_size, 2, generator=generator, device=device)
+    else:
+        x = torch.sigmoid(mu + sigma * torch.randn(batch_size, 2, generator=generator, device=device))
+    t, r = x.min(dim=1).values, x.max(dim=1).values
+    if equal_frac > 0:
+        equal = torch.rand(batch_size, generator=generator, device=device) < equal_frac
+        r = torch.where(equal, t, r)
+    return t[:, None], r[:, None]
+
+
+def interpolate(eps, a1, t):
+    """Linear path from noise (t = 0) to action (t = 1) and its conditional velocity."""
+    a_t = (1 - t) * eps + t * a1  # Eq. a_t = (1 - t) eps + t a1
+    v = a1 - eps  # Eq. v = da_t/dt
+    return a_t, v
+
+
+def mean_flow_target(policy, obs, a_t, v, t, r):
+    """u and the stop-gradient mean-flow target u_tgt = v + (r - t) du/dt.
+
+    du/dt = (du/da) v + du/dt|_a, with r held fixed, is the directional derivative of u along the
+    tangent (v, 1, 0) in (a_t, t, r): one forward-mode call returns u and du/dt together. u keeps
+    its graph to the parameters; the target is detached so no gradient flows through du/dt.
+    """
+    u, dudt = torch.func.jvp(lambda a_, t_, r_: policy(obs, a_, t_, r_),
+                             (a_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+    u_tgt = v + (r - t) * dudt  # Eq. mean-flow identity
+    return u, u_tgt.detach()
+
+
+def masked_mse(pred, target, valid, chunk_len: int):
+    """Squared error averaged over chunk steps, with steps past an episode end masked [QC].
+
+    pred, target: (B, h * action_dim); valid: (B, h)."""
+    err = (pred - target).square().view(pred.shape[0], chunk_len, -1)  # (B, h, action_dim)
+    return (err * valid[:, :, None]).mean()
+
+
+def mean_flow_loss(policy, obs, a1, eps, t, r, valid, chunk_len: int):
+    """L_MF = E || u_theta(a_t, t, r | s) - sg(u_tgt) ||^2. Returns (loss, u)."""
+    a_t, v = interpolate(eps, a1, t)
+    u, u_tgt = mean_flow_target(policy, obs, a_t, v, t, r)
+    return masked_mse(u, u_tgt, valid, chunk_len), u  # Eq. L_MF
+
+
+def ivc_loss(policy, obs, a1, eps, t, valid, chunk_len: int):
+    """L_IVC = E || u_theta(a_t, t, t | s) - v ||^2: over an empty interval the mean velocity is the
+    instantaneous one. Without it, u + C(a, r) / (r - t) also satisfies the mean-flow identity."""
+    a_t, v = interpolate(eps, a1, t)
+    return masked_mse(policy(obs, a_t, t, t), v, valid, chunk_len)  # Eq. L_IVC
+
+
+def policy_loss(policy, obs, a1, valid, ivc_coef: float, chunk_len: int, time_kw: dict, generator):
+    """L_policy = L_MF + lambda * L_IVC on target chunks a1 (B, A). Returns (loss, info)."""
+    eps = torch.randn(a1.shape, generator=generator, device=a1.device)
+    t, r = sample_times(a1.shape[0], generator=generator, device=a1.device, **time_kw)
+    l_mf, u = mean_flow_loss(policy, obs, a1, eps, t, r, valid, chunk_len)
+    l_ivc = ivc_loss(policy, obs, a1, eps, t, valid, chunk_len)
+    loss = l_mf + ivc_coef * l_ivc  # Eq. L_policy
+    return loss, dict(policy_loss=loss, mf_loss=l_mf, ivc_loss=l_ivc, u_norm=u.detach().norm(dim=-1).mean())
+
+
+# ================================================================================================
+# Acting: one-step generation and best-of-N selection
+# ================================================================================================
+def one_step(policy, obs, eps):
+    """a = clip(eps + u_theta(eps, 0, 1 | s), -1, 1): one network call from noise to action chunk."""
+    zeros = torch.zeros(eps.shape[0], 1, device=eps.device)
+    return (eps + policy(obs, eps, zeros, zeros + 1)).clamp(-1.0, 1.0)  # Eq. one-step sample
+
+
+@torch.no_grad()
+def best_of_n(policy, critic, obs, num_candidates: int, generator=None):
+    """Generate N one-step candidates per state and keep a* = argmax_i mean_k Q_k(s, a_i).
+
+    obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging."""
+    B, N, A = obs.shape[0], num_candidates, policy.act_dim
+    obs_rep = obs.repeat_interleave(N, dim=0)  # (B * N, obs_dim), row b * N + i is candidate i of state b
+    eps = torch.randn(B * N, A, generator=generator, device=obs.device)
+    cand = one_step(policy, obs_rep, eps)  # (B * N, A)
+    q = critic(obs_rep, cand).mean(dim=0).view(B, N)  # mean over K members [QC], then (B, N)
+    best = q.argmax(dim=1)  # (B,)
+    return cand.view(B, N, A)[torch.arange(B, device=obs.device), best], q
+
+
+# ================================================================================================
+# RL losses: chunked critic target, critic loss, Polyak update
+# ================================================================================================
+def critic_target(policy, critic, target_critic, next_obs, reward_sum, mask, discount: float,
+                  chunk_len: int, num_candidates: int, generator):
+    """y = sum_{i<h} gamma^i r_{k+i} + gamma^h * mask * mean_K Q_target(s_{k+h}, a*_{k+h})."""
+    next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator)  # selected with the online critic
+    next_q = target_critic(next_obs, next_a).mean(dim=0)  # (B,)
+    y = reward_sum + discount ** chunk_len * mask * next_q  # Eq. chunked n-step target
+    return y, cand_q
+
+
+def critic_loss(critic, obs, actions, y, valid_last):
+    """Squared TD error, averaged over members and batch, with invalid chunks masked. Returns (loss, info)."""
+    q = critic(obs, actions)  # (K, B)
+    loss = ((q - y).square() * valid_last).mean()
+    return loss, dict(critic_loss=loss, q_mean=q.mean(), q_min=q.min(), q_max=q.max(), target_mean=y.mean())
+
+
+@torch.no_grad()
+def polyak(target: nn.Module, online: nn.Module, tau: float):
+    """target <- (1 - tau) target + tau online."""
+    for p_t, p in zip(target.parameters(), online.parameters()):
+        p_t.lerp_(p, tau)
+
+
+# ================================================================================================
+# One update: a critic step and a policy step. The policy never sees a Q-gradient.
+# ================================================================================================
+@dataclass
+class Learner:
+    """The networks and optimizers one update touches (a plain container, no behaviour)."""
+    policy: MeanVelocityNet
+    critic: CriticEnsemble
+    target_critic: CriticEnsemble
+    policy_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+
+
+def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
+    policy = MeanVelocityNet(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
+    critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
+    target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    target_critic.requires_grad_(False)
+    return Learner(policy, critic, target_critic,
+                   torch.optim.Adam(policy.parameters(), lr=args.lr),
+                   torch.optim.Adam(critic.parameters(), lr=args.lr))
+
+
+def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
+    """One gradient step on the critic and one on the policy; returns device tensors (no sync)."""
+    y, cand_q = critic_target(learner.policy, learner.critic, learner.target_critic, batch["next_obs"],
+                              batch["reward_sum"], batch["mask"], args.discount, args.chunk_len,
+                              args.num_candidates, generator)
+    c_loss, c_info = critic_loss(learner.critic, batch["obs"], batch["actions"], y, batch["valid"][:, -1])
+    learner.critic_opt.zero_grad(set_to_none=True)
+    c_loss.backward()
+    learner.critic_opt.step()
+    polyak(learner.target_critic, learner.critic, args.tau)
+
+    time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac)
+    p_loss, p_info = policy_loss(learner.policy, batch["obs"], a1, valid_a1, args.ivc_coef, args.chunk_len, time_kw, generator)
+    learner.policy_opt.zero_grad(set_to_none=True)
+    p_loss.backward()
+    learner.policy_opt.step()
+    # how much selection buys over an average candidate, in Q units
+    bon_gain = (cand_q.max(dim=1).values - cand_q.mean(dim=1)).mean()
+    return {k: v.detach() for k, v in {**c_info, **p_info, "bon_gain": bon_gain}.items()}
+
+
+def buffer_target(learner, batch, args, generator):
+    """Imitate the chunks stored in the buffer (offline data + executed a*), masked past episode ends."""
+    return batch["actions"], batch["valid"]
+
+
+def best_of_n_target(learner, batch, args, generator):
+    """Imitate a* recomputed on the batch's states from the current policy and critic (paper appendix)."""
+    a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], args.num_candidates, generator)
+    return a_star, torch.ones_like(batch["valid"])
+
+
+# ================================================================================================
+# =====================================  PLUMBING  ===============================================
+# Data (OGBench files, generation), environments, replay buffer, evaluation, logging. Nothing
+# below changes the algorithm; env-specific details stay here and never reach the loops.
+# ================================================================================================
+class DatasetError(Exception):
+    """A dataset file is missing, unreadable or does not match the environment."""
+
+
+TASK_ALIASES = {f"cube-{n}": f"cube-{n}-play-singletask-v0" for n in ("double", "triple")}
+TASK_ALIASES.update({f"cube-{n}-task{k}": f"cube-{n}-play-singletask-task{k}-v0"
+                     for n in ("double", "triple") for k in range(1, 6)})
+FULL_NAME = re.compile(r"^cube-(double|triple)-play-singletask(-task[1-5])?-v0$")
+
+
+def resolve_env_name(name: str) -> str:
+    """Alias or full OGBench name -> full name, e.g. cube-double-task3 -> cube-double-play-singletask-task3-v0."""
+    if name in TASK_ALIASES:
+        return TASK_ALIASES[name]
+    if FULL_NAME.match(name):
+        return name
+    raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, "
+                     f"or full OGBench names cube-{{double,triple}}-play-singletask[-task{{1..5}}]-v0")
+
+
+def dataset_name_of(env_name: str) -> str:
+    """cube-double-play-singletask-task3-v0 -> cube-double-play-v0 (the file OGBench loads)."""
+    return re.sub(r"-singletask(-task\d)?", "", env_name)
+
+
+def import_ogbench():
+    import warnings
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on OGBench's spaces
+    warnings.filterwarnings("ignore", module="glfw")  # no display: MuJoCo rendering is never used here
+    try:
+        import ogbench  # noqa: F401  (registers the environments with gymnasium)
+    except ImportError as e:
+        raise SystemExit(f"error: OGBench is not installed ({e}). Run: pip install -r requirements.txt")
+    return ogbench
+
+
+# ---- generating the play dataset with OGBench's own scripted planner ---------------------------
+PUBLIC_EPISODES = {"cube-double-play-v0": 1000, "cube-triple-play-v0": 3000}
+P_STACK_RANGE = {"cube-double-play-v0": (0.0, 0.25), "cube-triple-play-v0": (0.05, 0.35)}
+EPISODE_STEPS = 1001  # the public files' episode length
+GENERATED_KEY = "mvp_generated"  # a string array inside each generated npz: its settings as JSON
+_worker = {}
+
+
+def _init_generation_worker(collection_env: str):
+    import gymnasium
+    import_ogbench()
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+    torch.set_num_threads(1)
+    env = gymnasium.make(collection_env, terminate_at_goal=False, mode="data_collection",
+                         max_episode_steps=EPISODE_STEPS)
+    _worker["env"] = env
+    _worker["oracle"] = CubePlanOracle(env=env, noise=0.1, noise_smoothing=0.5)
+
+
+def _generate_episode(job):
+    """One play episode. The planner draws from numpy's global RNG, so it is seeded per episode:
+    every episode depends only on (seed, index), whatever the number of workers."""
+    seed, index, p_lo, p_hi = job
+    env, oracle = _worker["env"], _worker["oracle"]
+    np.random.seed([seed, index])
+    ob, info = env.reset(seed=int(np.random.randint(2**31)))
+    p_stack = np.random.uniform(p_lo, p_hi)
+    oracle.reset(ob, info)
+    rows = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
+    done = False
+    while not done:
+        action = np.clip(np.asarray(oracle.select_action(ob, info)), -1, 1)
+        next_ob, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if oracle.done:  # the planner finished its target: pick a new one, as the public data did
+            target_ob, target_info = env.unwrapped.set_new_target(p_stack=p_stack)
+            oracle.reset(target_ob, target_info)
+        rows["observations"].append(ob)
+        rows["actions"].append(action)
+        rows["terminals"].append(done)
+        rows["qpos"].append(info["prev_qpos"])
+        rows["qvel"].append(info["prev_qvel"])
+        ob = next_ob
+    return index, {k: np.asarray(v) for k, v in rows.items()}
+
+
+def _read_generated_settings(path: str):
+    """Settings recorded in a generated file, or None if the file was not made by this project."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return json.loads(str(f[GENERATED_KEY])) if GENERATED_KEY in f.files else None
+    except Exception as e:
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}). Delete it and rerun with --generate-data.")
+
+
+def _atomic_savez(path: str, arrays: dict):
+    """Write to path.tmp, flush to disk, then rename: a half-written file never has the final name."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: int, workers: int) -> str:
+    """Write <out_dir>/<dataset_name>.npz and -val.npz (a further 10% of episodes) in OGBench's format.
+
+    Reuses files already generated with the same settings; refuses to overwrite files it did not make."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    train_path = os.path.join(out_dir, f"{dataset_name}.npz")
+    val_path = os.path.join(out_dir, f"{dataset_name}-val.npz")
+    num_val = max(1, num_episodes // 10)
+    settings = dict(generator="mvp.py generate_dataset", oracle="CubePlanOracle", noise=0.1, noise_smoothing=0.5,
+                    p_stack_range=list(P_STACK_RANGE[dataset_name]), episodes=num_episodes, val_episodes=num_val,
+                    episode_steps=EPISODE_STEPS, seed=seed)
+    existing = [p for p in (train_path, val_path) if os.path.exists(p)]
+    for p in existing:
+        made = _read_generated_settings(p)
+        if made is None:
+            raise DatasetError(f"{p} exists and was not generated by this project (an official OGBench file?); "
+                               f"refusing to overwrite it. Pass a different --dataset-dir to generate elsewhere.")
+    if len(existing) == 2 and all(_read_generated_settings(p) == {**settings, "split": s}
+                                  for p, s in ((train_path, "train"), (val_path, "val"))):
+        print(f"[data] reusing generated {train_path}")
+        return out_dir
+
+    collection_env = dataset_name.replace("-play", "")  # cube-double-play-v0 -> cube-double-v0
+    workers = workers or os.cpu_count() or 1
+    total = num_episodes + num_val
+    jobs = [(seed, i, *P_STACK_RANGE[dataset_name]) for i in range(total)]
+    episodes = [None] * total
+    print(f"[data] generating {num_episodes} + {num_val} episodes of {dataset_name} with OGBench's scripted "
+          f"planner on {workers} worker(s) into {out_dir}")
+    start = time.time()
+    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch/mujoco state
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_generation_worker,
+                             initargs=(collection_env,)) as pool:
+        for index, ep in tqdm(pool.map(_generate_episode, jobs, chunksize=4), total=total,
+                              desc="generating episodes", unit="ep", dynamic_ncols=True):
+            episodes[index] = ep
+    for split, eps, path in (("val", episodes[num_episodes:], val_path), ("train", episodes[:num_episodes], train_path)):
+        arrays = {k: np.concatenate([e[k] for e in eps]).astype(bool if k == "terminals" else np.float32)
+                  for k in eps[0]}
+        arrays[GENERATED_KEY] = np.array(json.dumps({**settings, "split": split}))
+        _atomic_savez(path, arrays)  # train last: its presence means both are complete
+    print(f"[data] wrote {total * EPISODE_STEPS:,} steps in {time.time() - start:.0f}s")
+    return out_dir
+
+
+# ---- locating and loading datasets ---------------------------------------------------------------
+def default_generated_dir(dataset_name: str, episodes: int, seed: int) -> str:
+    return os.path.expanduser(f"~/.ogbench/generated/{dataset_name}_{episodes}ep_seed{seed}")
+
+
+def prepare_dataset_dir(env_name: str, args: Args) -> str:
+    """Directory holding <dataset>.npz: OGBench's files if present, else OGBench's download, else generate."""
+    ogbench = import_ogbench()
+    name = dataset_name_of(env_name)
+    episodes = args.dataset_episodes or PUBLIC_EPISODES[name]
+    explicit_dir = args.dataset_dir is not None
+    official_dir = os.path.expanduser(args.dataset_dir or "~/.ogbench/data")
+    if not (args.generate_data or args.dataset_episodes):
+        if all(os.path.exists(os.path.join(official_dir, f"{name}{s}.npz")) for s in ("", "-val")):
+            return official_dir
+        try:
+            print(f"[data] {name} not in {official_dir}; trying OGBench's download")
+            ogbench.download_datasets([name], official_dir)
+            return official_dir
+        except Exception as e:
+            print(f"[data] download failed ({type(e).__name__}: {e}); generating the data instead")
+    out_dir = official_dir if (explicit_dir and (args.generate_data or args.dataset_episodes)) \
+        else default_generated_dir(name, episodes, args.data_seed)
+    return generate_dataset(name, out_dir, episodes, args.data_seed, args.data_workers)
+
+
+def load_ogbench(env_name: str, dataset_dir: str):
+    """(env, train, val) through OGBench's own loader, which relabels single-task rewards from qpos."""
+    ogbench = import_ogbench()
+    name = dataset_name_of(env_name)
+    paths = [os.path.join(dataset_dir, f"{name}{s}.npz") for s in ("", "-val")]
+    for p in paths:  # validate each file before OGBench reads it, to name the file that is broken
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                missing = {"observations", "actions", "terminals", "qpos"} - set(f.files)
+                if missing:
+                    raise DatasetError(f"{p} lacks keys {sorted(missing)}")
+                lengths = {k: f[k].shape[0] for k in ("observations", "actions", "terminals", "qpos")}
+        except DatasetError as e:
+            raise DatasetError(f"{e}; delete it and rerun with --generate-data to regenerate") from None
+        except Exception as e:
+            raise DatasetError(f"cannot read dataset file {p} ({type(e).__name__}: {e}); it is missing or corrupt. "
+                               f"Delete it and rerun with --generate-data to regenerate it.") from None
+        if len(set(lengths.values())) != 1:
+            raise DatasetError(f"{p} has arrays of different lengths {lengths}; delete it and rerun with --generate-data")
+    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    if train["observations"].shape[1] != obs_dim or train["actions"].shape[1] != act_dim:
+        raise DatasetError(f"{paths[0]} holds observations/actions of size {train['observations'].shape[1]}/"
+                           f"{train['actions'].shape[1]}, but {env_name} has {obs_dim}/{act_dim}: a file of another "
+                           f"task. Delete it and rerun with --generate-data.")
+    return env, train, val
+
+
+def make_env(env_name: str):
+    """The single-task evaluation / interaction environment, with its episode cap (500 double, 1000 triple)."""
+    return import_ogbench().make_env_and_datasets(env_name, env_only=True)
+
+
+# ---- replay buffer on the device -----------------------------------------------------------------
+class ReplayBuffer:
+    """Flat transitions in preallocated device tensors; offline data first, online steps appended.
+
+    Chunks are read as h consecutive rows; 'terminals' marks the last row of each episode, 'masks'
+    is 0 where bootstrapping must stop (success)."""
+
+    def __init__(self, data: dict, capacity: int, device):
+        n = len(data["observations"])
+        self.size, self.capacity, self.device = n, max(capacity, n), device
+        self.store = {}
+        for key, src in (("obs", "observations"), ("actions", "actions"), ("rewards", "rewards"),
+                         ("masks", "masks"), ("terminals", "terminals"), ("next_obs", "next_observations")):
+            arr = torch.as_tensor(np.asarray(data[src], dtype=np.float32))
+            buf = torch.zeros((self.capacity, *arr.shape[1:]), dtype=torch.float32, device=device)
+            buf[:n] = arr.to(device)
+            self.store[key] = buf
+
+    def add(self, obs, action, reward, mask, terminal, next_obs):
+        if self.size >= self.capacity:
+            raise RuntimeError("replay buffer full: capacity is dataset size + online steps")
+        i = self.size
+        for key, val in (("obs", obs), ("actions", action), ("rewards", reward), ("masks", mask),
+                         ("terminals", terminal), ("next_obs", next_obs)):
+            self.store[key][i] = torch.as_tensor(val, dtype=torch.float32)
+        self.size += 1
+
+    def sample_chunks(self, batch_size: int, chunk_len: int, discount: float, generator) -> dict:
+        """Q-chunking's sequence sampler, on the device.
+
+        valid[:, i] = 0 once an episode ended before step i; rewards after an end are not summed;
+        mask is the min over valid steps; next_obs is s_{k+h}, or the state after the last valid step."""
+        idx = torch.randint(0, self.size - chunk_len + 1, (batch_size,), generator=generator, device=self.device)
+        rows = idx[:, None] + torch.arange(chunk_len, device=self.device)  # (B, h)
+        term = self.store["terminals"][rows]  # (B, h)
+        ended = torch.cummax(term, dim=1).values  # ended[:, i] = 1 if an episode ended at or before step i
+        valid = torch.cat([torch.ones_like(term[:, :1]), 1.0 - ended[:, :-1]], dim=1)  # (B, h)
+        disc = discount ** torch.arange(chunk_len, device=self.device, dtype=torch.float32)  # (h,)
+        reward_sum = (self.store["rewards"][rows] * disc * valid).sum(dim=1)  # Eq. sum_i gamma^i r_{k+i}
+        mask = torch.where(valid > 0, self.store["masks"][rows], torch.ones_like(valid)).min(dim=1).values
+        last = idx + valid.sum(dim=1).long() - 1  # last valid row of each chunk
+        return dict(obs=self.store["obs"][idx],
+                    actions=self.store["actions"][rows].reshape(batch_size, -1),  # (B, h * action_dim)
+                    reward_sum=reward_sum, mask=mask, valid=valid, next_obs=self.store["next_obs"][last])
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len: int, device, generator) -> np.ndarray:
+    """Best-of-N chunk for one observation, as (h, action_dim) numpy rows to execute open loop."""
+    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+    a, _ = best_of_n(learner.policy, learner.critic, obs_t, num_candidates, generator)
+    return a.view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
+
+
+def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, device, generator,
+             seed: int, desc: str = "eval") -> dict:
+    """Success rate, mean return and length over episodes; chunks run open loop, like training."""
+    from tqdm import tqdm
+    successes, returns, lengths = [], [], []
+    for ep in tqdm(range(episodes), desc=desc, leave=False, dynamic_ncols=True):
+        obs, _ = env.reset(seed=seed + ep)
+        queue, done, ret, length, info = [], False, 0.0, 0, {}
+        while not done:
+            if not queue:
+                queue = list(act_chunk(learner, obs, num_candidates, chunk_len, device, generator))
+            obs, reward, terminated, truncated, info = env.step(queue.pop(0))
+            done, ret, length = terminated or truncated, ret + float(reward), length + 1
+        successes.append(float(info.get("success", 0.0)))
+        returns.append(ret)
+        lengths.append(length)
+    return dict(success_rate=float(np.mean(successes)), return_mean=float(np.mean(returns)),
+                length_mean=float(np.mean(lengths)))
+
+
+# ---- logging and checkpoints ---------------------------------------------------------------------
+class CSVLog:
+    """Appends rows to a CSV, header from the first row, flushed on every write so a killed run keeps them."""
+
+    def __init__(self, path: str):
+        self.path, self.file, self.writer = path, None, None
+
+    def write(self, row: dict):
+        if self.writer is None:
+            self.file = open(self.path, "a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
+            if self.file.tell() == 0:
+                self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class LossMonitor:
+    """Tracks the first update whose losses were not finite, on the device (no per-step sync)."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, step: int, info: dict):
+        bad = ~torch.isfinite(torch.stack([info["critic_loss"], info["mf_loss"], info["ivc_loss"]])).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, phase: str, info: dict):
+        if self.first_bad.item() >= 0:  # sync point, only at log time
+            terms = ", ".join(f"{k}={float(info[k]):.4g}" for k in ("critic_loss", "mf_loss", "ivc_loss"))
+            raise NonFiniteLoss(f"non-finite loss in the {phase} phase, first at update {self.first_bad.item()} "
+                                f"(latest: {terms}). Try a lower --lr, or check the dataset for NaN/inf values.")
+
+
+def save_checkpoint(path: str, learner: Learner, args: Args, extra: dict):
+    """Networks, target, optimizers and the args as plain values: loadable with weights_only=True."""
+    state = dict(policy=learner.policy.state_dict(), critic=learner.critic.state_dict(),
+                 target_critic=learner.target_critic.state_dict(),
+                 policy_opt=learner.policy_opt.state_dict(), critic_opt=learner.critic_opt.state_dict(),
+                 args=dataclasses.asdict(args), **extra)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path} does not exist")
+    except Exception as e:
+        raise SystemExit(f"error: checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})")
+
+
+# ================================================================================================
+# Training: an offline loop on the dataset, the replay-buffer hand-off, an online loop.
+# ================================================================================================
+def seed_everything(seed: int, device) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def log_row(phase_step: int, info: dict, extra: dict) -> dict:
+    return {"step": phase_step, **{k: round(float(v), 6) for k, v in info.items()}, **extra}  # .item() here only
+
+
+def train(args: Args) -> dict:
+    from tqdm import tqdm
+
+    device = pick_device(args.device)
+    env_name = resolve_env_name(args.env)
+    run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    print(f"[mvp] {env_name} on {device}, run dir {run_dir}")
+
+    gen = seed_everything(args.seed, device)
+    _, dataset, _ = load_ogbench(env_name, prepare_dataset_dir(env_name, args))
+    env, eval_env = make_env(env_name), make_env(env_name)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    learner = make_learner(obs_dim, action_dim * args.chunk_len, args, device)
+    buffer = ReplayBuffer(dataset, len(dataset["observations"]) + args.online_steps, device)
+    monitor = LossMonitor(device)
+    eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
+    evals = []
+
+    def run_eval(phase, step, bar):
+        nonlocal eval_seconds
+        start = time.time()
+        res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, device, gen,
+                       seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}")
+        row = dict(phase=phase, step=step, **res)
+        eval_log.write(row)
+        evals.append(row)
+        bar.set_postfix(success=f"{res['success_rate']:.2f}", refresh=True)
+        tqdm.write(f"[eval] {phase} step {step}: success {res['success_rate']:.3f}, return {res['return_mean']:.1f}")
+        eval_seconds += time.time() - start
+
+    # ---- offline: behaviour-clone the dataset's chunks by mean flow, learn Q, select best-of-N ----
+    log = CSVLog(os.path.join(run_dir, "offline.csv"))
+    bar = tqdm(range(1, args.offline_steps + 1), desc="offline", unit="upd", dynamic_ncols=True)
+    tick = phase_start = time.time()
+    eval_seconds = 0.0
+    for step in bar:
+        batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
+        info = update(learner, batch, batch["actions"], batch["valid"], args, gen)
+        monitor.observe(step, info)
+        if step % args.log_interval == 0 or step == args.offline_steps:
+            monitor.check("offline", info)
+            n = step % args.log_interval or args.log_interval
+            log.write(log_row(step, info, dict(updates_per_s=round(n / (time.time() - tick), 2))))
+            tick = time.time()
+        if (args.eval_interval and step % args.eval_interval == 0) or step == args.offline_steps:
+            run_eval("offline", step, bar)
+            tick = time.time()
+    log.close()
+    offline_rate = args.offline_steps / max(time.time() - phase_start - eval_seconds, 1e-9)
+
+    # ---- hand-off: the replay buffer already holds the offline data; online rows are appended ----
+    imitation = best_of_n_target if args.imitation_target == "best_of_n" else buffer_target
+    log = CSVLog(os.path.join(run_dir, "online.csv"))
+    bar = tqdm(range(1, args.online_steps + 1), desc="online", unit="step", dynamic_ncols=True)
+    obs, _ = env.reset(seed=args.seed)
+    queue, ep_return, ep_len, episodes = [], 0.0, 0, 0
+    last_ep = dict(episode=0, episode_return=float("nan"), episode_length=0, episode_success=float("nan"))
+    tick, updates_since = time.time(), 0
+    phase_start, eval_seconds = time.time(), 0.0
+    for step in bar:
+        if not queue:  # a new chunk every h steps, executed open loop
+            queue = list(act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen))
+        action = queue.pop(0)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        buffer.add(obs, action, reward, 1.0 - float(terminated), float(terminated or truncated), next_obs)
+        obs, ep_return, ep_len = next_obs, ep_return + float(reward), ep_len + 1
+        if terminated or truncated:
+            episodes += 1
+            last_ep = dict(episode=episodes, episode_return=ep_return, episode_length=ep_len,
+                           episode_success=float(info.get("success", 0.0)))
+            obs, _ = env.reset()
+            queue, ep_return, ep_len = [], 0.0, 0
+        if step > args.start_training:
+            batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
+            a1, valid_a1 = imitation(learner, batch, args, gen)
+            info = update(learner, batch, a1, valid_a1, args, gen)
+            monitor.observe(step, info)
+            updates_since += 1
+            if step % args.log_interval == 0 or step == args.online_steps:
+                monitor.check("online", info)
+                rate = dict(updates_per_s=round(updates_since / (time.time() - tick), 2),
+                            env_steps_per_s=round(args.log_interval / (time.time() - tick), 2))
+                log.write(log_row(step, info, {**rate, **last_ep}))
+                tick, updates_since = time.time(), 0
+        if (args.eval_interval and step % args.eval_interval == 0) or step == args.online_steps:
+            run_eval("online", step, bar)
+            tick = time.time()
+    log.close()
+    eval_log.close()
+    online_rate = args.online_steps / max(time.time() - phase_start - eval_seconds, 1e-9)
+
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args,
+                    dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim))
+    summary = dict(env=env_name, seed=args.seed, device=str(device), offline_steps=args.offline_steps,
+                   online_steps=args.online_steps, offline_updates_per_s=round(offline_rate, 2),
+                   online_env_steps_per_s=round(online_rate, 2), final_eval=evals[-1] if evals else None, evals=evals,
+                   run_dir=run_dir)
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"[mvp] done: {json.dumps(summary['final_eval'])}; outputs in {run_dir}")
+    return summary
+
+
+def eval_only(args: Args) -> dict:
+    """Evaluate a saved policy on the environment it was trained on."""
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
+    env_name = ckpt["env_name"]
+    if "env" in getattr(args, "_explicit", ()) and resolve_env_name(args.env) != env_name:
+        raise SystemExit(f"error: checkpoint {args.checkpoint} was trained on {env_name}, not {resolve_env_name(args.env)}")
+    learner = make_learner(ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len, saved, device)
+    learner.policy.load_state_dict(ckpt["policy"])
+    learner.critic.load_state_dict(ckpt["critic"])
+    gen = seed_everything(args.seed, device)
+    res = evaluate(learner, make_env(env_name), args.eval_episodes, saved.num_candidates, saved.chunk_len,
+                   device, gen, seed=10_000 * (args.seed + 1))
+    print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return eval_only(args) if args.eval_only else train(args)
+    except (DatasetError, NonFiniteLoss) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
