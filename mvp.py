@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,6 +59,7 @@ class Args:
     env: str = field(default="cube-double", metadata=dict(help="OGBench task: full name or alias (cube-double, cube-triple-task4, ...)"))
     seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
+    threads: int = field(default=0, metadata=dict(help="CPU threads for torch (0: torch's default); use 1 on a busy shared machine"))
     # protocol [QC]
     offline_steps: int = field(default=1_000_000, metadata=dict(help="offline gradient steps on the dataset"))
     online_steps: int = field(default=1_000_000, metadata=dict(help="online environment steps (1 update per step)"))
@@ -70,6 +73,9 @@ class Args:
     tau: float = field(default=0.005, metadata=dict(help="Polyak rate of the target critic"))
     chunk_len: int = field(default=5, metadata=dict(help="action chunk length h"))
     num_candidates: int = field(default=32, metadata=dict(help="best-of-N candidates N"))
+    # policy: MVP, or the flow-matching baselines that share everything else
+    policy: str = field(default="mvp", metadata=dict(help="mvp (one-step mean flow) | flow (Q-chunking's flow matching, --flow-steps Euler steps)"))
+    flow_steps: int = field(default=10, metadata=dict(help="Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)"))
     # MVP policy loss [paper]
     ivc_coef: float = field(default=1.0, metadata=dict(help="lambda on L_IVC; 0 is the paper's ablation"))
     time_sampler: str = field(default="uniform", metadata=dict(help="(t, r) sampler: uniform | logit_normal [choice]"))
@@ -107,10 +113,10 @@ def parse_args(argv=None) -> Args:
     args = Args(**vars(ns))
     args._explicit = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     problems = []
-    for name in ["num_candidates", "chunk_len", "batch_size", "hidden_dim", "num_layers", "num_critics", "eval_episodes", "log_interval"]:
+    for name in ["num_candidates", "chunk_len", "flow_steps", "batch_size", "hidden_dim", "num_layers", "num_critics", "eval_episodes", "log_interval"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers"]:
+    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads"]:
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.ivc_coef < 0:
@@ -123,6 +129,8 @@ def parse_args(argv=None) -> Args:
         problems.append(f"--tau must be in (0, 1] (got {args.tau})")
     if args.lr <= 0:
         problems.append(f"--lr must be > 0 (got {args.lr})")
+    if args.policy not in ("mvp", "flow"):
+        problems.append(f"--policy must be mvp or flow (got {args.policy!r})")
     if args.time_sampler not in ("uniform", "logit_normal"):
         problems.append(f"--time-sampler must be uniform or logit_normal (got {args.time_sampler!r})")
     if args.imitation_target not in ("buffer", "best_of_n"):
@@ -143,8 +151,13 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def pick_device(name: str) -> torch.device:
-    """The one place that decides CPU vs CUDA."""
+def pick_device(name: str, threads: int = 0) -> torch.device:
+    """The one place that decides CPU vs CUDA (and how many CPU threads torch may use).
+
+    On a machine whose cores are busy with other work, torch's multi-threaded CPU kernels stall
+    waiting for each other: on 2 shared cores we measured 1 thread 7x faster than 2."""
+    if threads:
+        torch.set_num_threads(threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -289,6 +302,17 @@ def policy_loss(policy, obs, a1, valid, ivc_coef: float, chunk_len: int, time_kw
     return loss, dict(policy_loss=loss, mf_loss=l_mf, ivc_loss=l_ivc, u_norm=u.detach().norm(dim=-1).mean())
 
 
+def flow_matching_loss(policy, obs, a1, valid, chunk_len: int, generator):
+    """Baseline (Q-chunking's flow policy): L_FM = E || v_theta(a_t, t | s) - (a1 - eps) ||^2, t ~ U(0, 1).
+
+    v_theta is the same network read at r = t, so L_FM is exactly L_IVC: the baselines differ from
+    MVP only in this loss and in the sampler. mf_loss is logged as 0."""
+    eps = torch.randn(a1.shape, generator=generator, device=a1.device)
+    t = torch.rand(a1.shape[0], 1, generator=generator, device=a1.device)
+    loss = ivc_loss(policy, obs, a1, eps, t, valid, chunk_len)  # Eq. L_FM
+    return loss, dict(policy_loss=loss, mf_loss=torch.zeros_like(loss), ivc_loss=loss, u_norm=torch.zeros_like(loss))
+
+
 # ================================================================================================
 # Acting: one-step generation and best-of-N selection
 # ================================================================================================
@@ -298,15 +322,25 @@ def one_step(policy, obs, eps):
     return (eps + policy(obs, eps, zeros, zeros + 1)).clamp(-1.0, 1.0)  # Eq. one-step sample
 
 
+def euler_sample(policy, obs, eps, steps: int):
+    """Baseline sampler: integrate da/dt = v_theta(a, t | s) from noise at t = 0 to t = 1 in `steps`
+    Euler steps (one network call each), then clip, as Q-chunking does."""
+    a, dt = eps, 1.0 / steps
+    for k in range(steps):
+        t = torch.full((eps.shape[0], 1), k * dt, device=eps.device)
+        a = a + dt * policy(obs, a, t, t)  # Eq. Euler step
+    return a.clamp(-1.0, 1.0)
+
+
 @torch.no_grad()
-def best_of_n(policy, critic, obs, num_candidates: int, generator=None):
-    """Generate N one-step candidates per state and keep a* = argmax_i mean_k Q_k(s, a_i).
+def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=one_step):
+    """Generate N candidates per state with `sample` (MVP: one_step) and keep a* = argmax_i mean_k Q_k(s, a_i).
 
     obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging."""
     B, N, A = obs.shape[0], num_candidates, policy.act_dim
     obs_rep = obs.repeat_interleave(N, dim=0)  # (B * N, obs_dim), row b * N + i is candidate i of state b
     eps = torch.randn(B * N, A, generator=generator, device=obs.device)
-    cand = one_step(policy, obs_rep, eps)  # (B * N, A)
+    cand = sample(policy, obs_rep, eps)  # (B * N, A)
     q = critic(obs_rep, cand).mean(dim=0).view(B, N)  # mean over K members [QC], then (B, N)
     best = q.argmax(dim=1)  # (B,)
     return cand.view(B, N, A)[torch.arange(B, device=obs.device), best], q
@@ -316,9 +350,9 @@ def best_of_n(policy, critic, obs, num_candidates: int, generator=None):
 # RL losses: chunked critic target, critic loss, Polyak update
 # ================================================================================================
 def critic_target(policy, critic, target_critic, next_obs, reward_sum, mask, discount: float,
-                  chunk_len: int, num_candidates: int, generator):
+                  chunk_len: int, num_candidates: int, generator, sample=one_step):
     """y = sum_{i<h} gamma^i r_{k+i} + gamma^h * mask * mean_K Q_target(s_{k+h}, a*_{k+h})."""
-    next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator)  # selected with the online critic
+    next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator, sample)  # selected with the online critic
     next_q = target_critic(next_obs, next_a).mean(dim=0)  # (B,)
     y = reward_sum + discount ** chunk_len * mask * next_q  # Eq. chunked n-step target
     return y, cand_q
@@ -343,12 +377,15 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 # ================================================================================================
 @dataclass
 class Learner:
-    """The networks and optimizers one update touches (a plain container, no behaviour)."""
+    """The networks and optimizers one update touches, and the policy's loss and sampler (MVP's, or a
+    flow baseline's), chosen once here so no loop ever branches on the method."""
     policy: MeanVelocityNet
     critic: CriticEnsemble
     target_critic: CriticEnsemble
     policy_opt: torch.optim.Optimizer
     critic_opt: torch.optim.Optimizer
+    loss: Callable  # loss(policy, obs, a1, valid, chunk_len, generator) -> (loss, info)
+    sample: Callable  # sample(policy, obs, eps) -> action chunks in [-1, 1]
 
 
 def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
@@ -357,24 +394,30 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
     target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
+    if args.policy == "mvp":
+        time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac)
+        def loss(policy, obs, a1, valid, chunk_len, generator):
+            return policy_loss(policy, obs, a1, valid, args.ivc_coef, chunk_len, time_kw, generator)
+        sample = one_step
+    else:
+        loss, sample = flow_matching_loss, functools.partial(euler_sample, steps=args.flow_steps)
     return Learner(policy, critic, target_critic,
                    torch.optim.Adam(policy.parameters(), lr=args.lr),
-                   torch.optim.Adam(critic.parameters(), lr=args.lr))
+                   torch.optim.Adam(critic.parameters(), lr=args.lr), loss, sample)
 
 
 def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
     """One gradient step on the critic and one on the policy; returns device tensors (no sync)."""
     y, cand_q = critic_target(learner.policy, learner.critic, learner.target_critic, batch["next_obs"],
                               batch["reward_sum"], batch["mask"], args.discount, args.chunk_len,
-                              args.num_candidates, generator)
+                              args.num_candidates, generator, learner.sample)
     c_loss, c_info = critic_loss(learner.critic, batch["obs"], batch["actions"], y, batch["valid"][:, -1])
     learner.critic_opt.zero_grad(set_to_none=True)
     c_loss.backward()
     learner.critic_opt.step()
     polyak(learner.target_critic, learner.critic, args.tau)
 
-    time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac)
-    p_loss, p_info = policy_loss(learner.policy, batch["obs"], a1, valid_a1, args.ivc_coef, args.chunk_len, time_kw, generator)
+    p_loss, p_info = learner.loss(learner.policy, batch["obs"], a1, valid_a1, args.chunk_len, generator)
     learner.policy_opt.zero_grad(set_to_none=True)
     p_loss.backward()
     learner.policy_opt.step()
@@ -390,7 +433,7 @@ def buffer_target(learner, batch, args, generator):
 
 def best_of_n_target(learner, batch, args, generator):
     """Imitate a* recomputed on the batch's states from the current policy and critic (paper appendix)."""
-    a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], args.num_candidates, generator)
+    a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], args.num_candidates, generator, learner.sample)
     return a_star, torch.ones_like(batch["valid"])
 
 
@@ -608,6 +651,15 @@ def make_env(env_name: str):
     return import_ogbench().make_env_and_datasets(env_name, env_only=True)
 
 
+def load_task(env_name: str, args: Args):
+    """(dataset, make_env) for a resolved task name: the one place that knows which suite a task is from.
+
+    dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations.
+    make_env(): a new gymnasium-style env whose info["success"] reports task success."""
+    _, dataset, _ = load_ogbench(env_name, prepare_dataset_dir(env_name, args))
+    return dataset, lambda: make_env(env_name)
+
+
 # ---- replay buffer on the device -----------------------------------------------------------------
 class ReplayBuffer:
     """Flat transitions in preallocated device tensors; offline data first, online steps appended.
@@ -658,7 +710,7 @@ class ReplayBuffer:
 def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len: int, device, generator) -> np.ndarray:
     """Best-of-N chunk for one observation, as (h, action_dim) numpy rows to execute open loop."""
     obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-    a, _ = best_of_n(learner.policy, learner.critic, obs_t, num_candidates, generator)
+    a, _ = best_of_n(learner.policy, learner.critic, obs_t, num_candidates, generator, learner.sample)
     return a.view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
 
 
@@ -763,7 +815,7 @@ def log_row(phase_step: int, info: dict, extra: dict) -> dict:
 def train(args: Args) -> dict:
     from tqdm import tqdm
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.threads)
     env_name = resolve_env_name(args.env)
     run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(run_dir, exist_ok=True)
@@ -772,8 +824,8 @@ def train(args: Args) -> dict:
     print(f"[mvp] {env_name} on {device}, run dir {run_dir}")
 
     gen = seed_everything(args.seed, device)
-    _, dataset, _ = load_ogbench(env_name, prepare_dataset_dir(env_name, args))
-    env, eval_env = make_env(env_name), make_env(env_name)
+    dataset, new_env = load_task(env_name, args)
+    env, eval_env = new_env(), new_env()
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     learner = make_learner(obs_dim, action_dim * args.chunk_len, args, device)
     buffer = ReplayBuffer(dataset, len(dataset["observations"]) + args.online_steps, device)
@@ -868,7 +920,7 @@ def train(args: Args) -> dict:
 
 def eval_only(args: Args) -> dict:
     """Evaluate a saved policy on the environment it was trained on."""
-    device = pick_device(args.device)
+    device = pick_device(args.device, args.threads)
     ckpt = load_checkpoint(args.checkpoint, device)
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
     env_name = ckpt["env_name"]

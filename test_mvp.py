@@ -473,3 +473,111 @@ def test_eval_only_refuses_a_checkpoint_of_another_env_and_a_corrupt_one(tmp_pat
 def test_importing_mvp_needs_no_simulator():
     code = "import sys, mvp; assert 'ogbench' not in sys.modules and 'mujoco' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow-matching baselines share everything but the loss and the sampler
+# ---------------------------------------------------------------------------------------------
+def test_euler_sampler_integrates_a_known_velocity_field():
+    """A velocity field v(a, t) = c (constant) moves noise by exactly c whatever the step count;
+    v(a, t) = a grows it by (1 + 1/K)^K, Euler's approximation of e."""
+    obs, eps = torch.zeros(4, 1), torch.full((4, 2), 0.1)
+    const = lambda o, a, t, r: torch.full_like(a, 0.3)
+    linear = lambda o, a, t, r: a
+    for k in (1, 10):
+        assert torch.allclose(mvp.euler_sample(const, obs, eps, k), eps + 0.3)
+        assert torch.allclose(mvp.euler_sample(linear, obs, eps, k), eps * (1 + 1 / k) ** k)
+    assert mvp.euler_sample(const, obs, torch.full((4, 2), 0.9), 1).max() == 1.0  # clipped
+
+
+def test_flow_loss_is_the_ivc_term_and_learner_picks_loss_and_sampler():
+    torch.manual_seed(0)
+    net = mvp.MeanVelocityNet(obs_dim=2, act_dim=3, hidden_dim=16, num_layers=1)
+    obs, a1, valid = torch.randn(8, 2), torch.rand(8, 3), torch.ones(8, 1)
+    loss, info = mvp.flow_matching_loss(net, obs, a1, valid, 1, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(a1.shape, generator=g)
+    t = torch.rand(8, 1, generator=g)
+    assert torch.allclose(loss, mvp.ivc_loss(net, obs, a1, eps, t, valid, 1)) and info["mf_loss"] == 0
+    flow = mvp.make_learner(2, 3, mvp.Args(policy="flow", flow_steps=4, hidden_dim=8, num_layers=1), torch.device("cpu"))
+    eps = torch.randn(5, 3)
+    assert torch.allclose(flow.sample(flow.policy, obs[:5], eps), mvp.euler_sample(flow.policy, obs[:5], eps, 4))
+    ours = mvp.make_learner(2, 3, mvp.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
+    assert ours.sample is mvp.one_step
+
+
+# ---------------------------------------------------------------------------------------------
+# run_benchmarks.py: aggregation, dry run, a tiny real suite through submitit, a tiny speed run
+# ---------------------------------------------------------------------------------------------
+import run_benchmarks  # noqa: E402
+
+
+def _fake_run(root, task, method, seed, rows, offline_steps=100):
+    d = run_benchmarks.run_dir_of(str(root), task, method, seed)
+    os.makedirs(d)
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump(dict(offline_steps=offline_steps), f)
+    with open(os.path.join(d, "eval.csv"), "w") as f:
+        f.write("phase,step,success_rate,return_mean,length_mean\n")
+        for phase, step, success in rows:
+            f.write(f"{phase},{step},{success},-1,1\n")
+
+
+def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
+    _fake_run(tmp_path, "cube-double-task4", "mvp", 0, [("offline", 100, 0.2), ("online", 50, 0.6)])
+    _fake_run(tmp_path, "cube-double-task4", "mvp", 1, [("offline", 100, 0.4), ("online", 50, 1.0)])
+    _fake_run(tmp_path, "cube-double-task4", "flow10", 0, [("offline", 100, 0.1), ("online", 50, 0.3)])
+    table = run_benchmarks.aggregate(str(tmp_path), ["cube-double-task4"], ["mvp", "flow10"], [0, 1])
+    mvp_row = table["cube-double-task4/mvp"]
+    assert mvp_row["cells"] == {150: dict(mean=pytest.approx(0.8), std=pytest.approx(0.2), n=2)}  # online step 50 -> 150
+    assert mvp_row["curve"] == {100: [0.2, 0.4], 150: [0.6, 1.0]}
+    at_100 = run_benchmarks.aggregate(str(tmp_path), ["cube-double-task4"], ["mvp"], [0, 1], steps=[100])
+    assert at_100["cube-double-task4/mvp"]["cells"][100]["mean"] == pytest.approx(0.3)
+    md = run_benchmarks.table_markdown(table)
+    assert "| cube-double-task4 | mvp | 0.80 ± 0.20 (n=2) | 0.95 |" in md
+    assert "| cube-double-task4 | flow10 | 0.30 ± 0.00 (n=1) | 0.93 |" in md
+    paths = run_benchmarks.plot_curves(table, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["curves_cube-double-task4.png"] and os.path.getsize(paths[0]) > 5000
+
+
+def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
+    finished = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
+    os.makedirs(finished)
+    open(os.path.join(finished, "summary.json"), "w").write("{}")
+    run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
+                         "--out-dir", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "4 run(s), 1 already finished, 3 to run" in out
+    lines = [l for l in out.splitlines() if "mvp.py" in l]
+    assert len(lines) == 3 and all("--hidden-dim 256" in l for l in lines)  # the cpu preset
+    assert sum("--policy flow --flow-steps 10" in l for l in lines) == 2
+    assert not any(os.path.join("mvp", "seed0") in l for l in lines)
+
+
+def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
+    out = tmp_path / "suite"
+    argv = ["suite", "--tasks", "cube-double-task1", "--seeds", "0", "--methods", "mvp", "flow1",
+            "--launcher", "submitit-local", "--out-dir", str(out), "--extra", *TINY, "--dataset-dir", data_dir,
+            "--offline-steps", "100", "--online-steps", "60", "--start-training", "20", "--eval-interval", "0"]
+    table = run_benchmarks.main(argv)
+    assert set(table) == {"cube-double-task1/mvp", "cube-double-task1/flow1"}
+    for row in table.values():
+        assert list(row["curve"]) == [100, 160] and row["cells"][160]["n"] == 1
+    assert (out / "results.md").exists() and (out / "curves_cube-double-task1.png").exists()
+    flow_args = json.loads((out / "cube-double-task1" / "flow1" / "seed0" / "args.json").read_text())
+    assert flow_args["policy"] == "flow" and flow_args["flow_steps"] == 1
+    # a second call finds both runs finished and launches nothing
+    before = os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json")
+    run_benchmarks.main(argv)
+    assert os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json") == before
+
+
+def test_speed_writes_table_with_ratios(tmp_path):
+    out = run_benchmarks.main(["speed", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8",
+                               "--num-candidates", "4", "--repeats", "1", "--seconds", "0.1",
+                               "--latency-calls", "3", "--out-dir", str(tmp_path)])
+    assert set(out["results"]) == set(run_benchmarks.METHODS)
+    assert out["results"]["flow10"]["updates_ratio_vs_flow10"] == 1.0
+    assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
+    md = (tmp_path / "speed.md").read_text()
+    assert "| flow1 |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]

@@ -1,0 +1,395 @@
+"""MVP against its baselines, side by side, in the same code: speed and success.
+
+The baselines are options of mvp.py that share the critic, chunking and best-of-N selection; only
+the policy's loss and sampler differ:
+    mvp        MVP (one-step mean flow, L_MF + L_IVC)
+    mvp-noivc  MVP without IVC (--ivc-coef 0), the paper's ablation
+    flow10     Q-chunking's flow-matching policy, 10 Euler steps (--policy flow --flow-steps 10)
+    flow1      its one-step variant (--flow-steps 1)
+
+Commands:
+    python run_benchmarks.py speed                        # throughput and latency table, this device
+    python run_benchmarks.py suite --preset cpu --tasks cube-double-task1 --seeds 0 1 --methods mvp flow10
+    python run_benchmarks.py suite --preset paper --tasks cube-double-task4 --seeds 0 1 2 3 4 --dry-run
+    python run_benchmarks.py suite ... --launcher slurm --slurm-partition gpu   # one SLURM job per run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import mvp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+METHODS = {
+    "mvp": [],
+    "mvp-noivc": ["--ivc-coef", "0"],
+    "flow10": ["--policy", "flow", "--flow-steps", "10"],
+    "flow1": ["--policy", "flow", "--flow-steps", "1"],
+}
+PRESETS = {
+    # the spec's protocol: mvp.py's defaults (1M offline + 1M online, 4x512, batch 256, N = 32, 50 eval episodes)
+    "paper": [],
+    # finishes on a 2-core CPU in about 1.5 h per run: small networks, 20k + 20k steps, 20 eval episodes.
+    # Not comparable with the paper's numbers; it shows the pipeline and the relative ordering only.
+    "cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "20000", "--online-steps", "20000",
+            "--start-training", "2000", "--eval-interval", "10000", "--eval-episodes", "20", "--threads", "1"],
+}
+# success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
+REFERENCE = {
+    "cube-double-task4": {"flow10": 0.93, "mvp": 0.95},
+    "cube-triple-task2": {"flow10": 0.82, "mvp": 0.88},
+    "cube-triple-task3": {"flow10": 0.69, "mvp": 0.71},
+    "cube-triple-task4": {"flow10": 0.46, "mvp": 0.52, "mvp-noivc": 0.30},
+    "lift": {"flow10": 1.00, "mvp": 1.00},
+    "can": {"flow10": 0.94, "mvp": 0.92},
+    "square": {"flow10": 0.92, "mvp": 0.93},
+}
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+# ================================================================================================
+# speed: one process, one device, every method measured side by side
+# ================================================================================================
+def method_args(method: str, base: list[str]) -> mvp.Args:
+    return mvp.parse_args(["--env", "cube-double-task1", *base, *METHODS[method]])
+
+
+def synthetic_buffer(obs_dim: int, action_dim: int, rows: int, capacity: int, device) -> mvp.ReplayBuffer:
+    """Random rows of the right shapes: throughput does not depend on the values."""
+    rng = np.random.default_rng(0)
+    data = dict(observations=rng.standard_normal((rows, obs_dim), dtype=np.float32),
+                actions=rng.uniform(-1, 1, (rows, action_dim)).astype(np.float32),
+                rewards=-np.ones(rows, np.float32), masks=np.ones(rows, np.float32),
+                terminals=(np.arange(rows) % 1000 == 999).astype(np.float32),
+                next_observations=rng.standard_normal((rows, obs_dim), dtype=np.float32))
+    return mvp.ReplayBuffer(data, capacity, device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # timers must see finished kernels
+
+
+def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int = 3) -> float:
+    """Offline updates per second over at least `seconds` (after one warm-up update)."""
+    def step():
+        batch = buf.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
+        mvp.update(learner, batch, batch["actions"], batch["valid"], args, gen)
+    step()
+    sync(device)
+    start, n = time.perf_counter(), 0
+    while n < min_iters or time.perf_counter() - start < seconds:
+        step()
+        n += 1
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def time_online(learner, env, buf, args, gen, device, seconds: float, min_iters: int = 3) -> float:
+    """Online env steps per second: best-of-N chunk every h steps, env step, buffer add, one update."""
+    obs, _ = env.reset(seed=0)
+    queue = []
+    start, n = time.perf_counter(), 0
+    while n < min_iters or time.perf_counter() - start < seconds:
+        if not queue:
+            queue = list(mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen))
+        action = queue.pop(0)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        buf.add(obs, action, reward, 1.0 - float(terminated), float(terminated or truncated), next_obs)
+        obs = next_obs
+        if terminated or truncated:
+            obs, _ = env.reset()
+            queue = []
+        batch = buf.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
+        mvp.update(learner, batch, batch["actions"], batch["valid"], args, gen)
+        n += 1
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
+    """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
+    mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)  # warm-up
+    out = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)  # ends in a device sync
+        out.append(1e3 * (time.perf_counter() - start))
+    return out
+
+
+def speed(opts) -> dict:
+    device = mvp.pick_device(opts.device, opts.threads)
+    env = mvp.make_env(mvp.resolve_env_name("cube-double-task1"))
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    obs0, _ = env.reset(seed=0)
+    base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers),
+            "--batch-size", str(opts.batch_size), "--num-candidates", str(opts.num_candidates)]
+    results = {m: dict(updates_per_s=[], online_steps_per_s=[], latency_ms=[]) for m in opts.methods}
+    for rep in range(opts.repeats):  # methods interleaved in each repeat, so drifts hit all alike
+        for m in opts.methods:
+            args = method_args(m, base)
+            gen = mvp.seed_everything(rep, device)
+            learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
+            buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000 + 100_000, device)
+            results[m]["updates_per_s"].append(time_updates(learner, buf, args, gen, device, opts.seconds))
+            results[m]["online_steps_per_s"].append(time_online(learner, env, buf, args, gen, device, opts.seconds))
+            results[m]["latency_ms"] += time_latency(learner, obs0, args, device, gen, opts.latency_calls)
+            print(f"[speed] repeat {rep + 1}/{opts.repeats} {m}: {results[m]['updates_per_s'][-1]:.2f} upd/s, "
+                  f"{results[m]['online_steps_per_s'][-1]:.2f} env steps/s", flush=True)
+    table = {}
+    for m, r in results.items():
+        lat = np.array(r["latency_ms"])
+        table[m] = dict(updates_per_s=statistics.median(r["updates_per_s"]),
+                        online_steps_per_s=statistics.median(r["online_steps_per_s"]),
+                        latency_ms_mean=float(lat.mean()), latency_ms_p95=float(np.percentile(lat, 95)))
+    ref = table.get("flow10")
+    for m, row in table.items():
+        if ref:
+            row["updates_ratio_vs_flow10"] = row["updates_per_s"] / ref["updates_per_s"]
+            row["online_ratio_vs_flow10"] = row["online_steps_per_s"] / ref["online_steps_per_s"]
+            row["latency_speedup_vs_flow10"] = ref["latency_ms_mean"] / row["latency_ms_mean"]
+    out = dict(machine=machine_name(device), device=str(device), torch=torch.__version__,
+               config=dict(hidden_dim=opts.hidden_dim, num_layers=opts.num_layers, batch_size=opts.batch_size,
+                           num_candidates=opts.num_candidates, chunk_len=5, repeats=opts.repeats,
+                           seconds_per_measure=opts.seconds, latency_calls_per_repeat=opts.latency_calls),
+               results=table, raw=results)
+    md = speed_markdown(out)
+    os.makedirs(opts.out_dir, exist_ok=True)
+    with open(os.path.join(opts.out_dir, "speed.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(opts.out_dir, "speed.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return out
+
+
+def speed_markdown(out: dict) -> str:
+    c = out["config"]
+    lines = [f"Machine: {out['machine']} ({out['device']}, torch {out['torch']}). "
+             f"Networks {c['num_layers']}x{c['hidden_dim']}, batch {c['batch_size']}, N = {c['num_candidates']}, "
+             f"h = 5; median of {c['repeats']} repeats; ratios against flow10 from the same run.", "",
+             "| method | offline updates/s | x flow10 | online env steps/s (1 update/step) | x flow10 "
+             "| action latency mean / p95 (ms) | speed-up vs flow10 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in out["results"].items():
+        lines.append(f"| {m} | {r['updates_per_s']:.2f} | {r.get('updates_ratio_vs_flow10', float('nan')):.2f} "
+                     f"| {r['online_steps_per_s']:.2f} | {r.get('online_ratio_vs_flow10', float('nan')):.2f} "
+                     f"| {r['latency_ms_mean']:.2f} / {r['latency_ms_p95']:.2f} "
+                     f"| {r.get('latency_speedup_vs_flow10', float('nan')):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================================================
+# suite: one training run per (task, seed, method), as separate processes or SLURM jobs
+# ================================================================================================
+def run_dir_of(out_dir, task, method, seed):
+    return os.path.join(out_dir, task, method, f"seed{seed}")
+
+
+def suite_commands(opts) -> list[tuple[str, list[str]]]:
+    cmds = []
+    for task in opts.tasks:
+        for method in opts.methods:
+            for seed in opts.seeds:
+                d = run_dir_of(opts.out_dir, task, method, seed)
+                cmd = [sys.executable, os.path.join(HERE, "mvp.py"), "--env", task, "--seed", str(seed),
+                       "--run-dir", d, *PRESETS[opts.preset], *METHODS[method], *opts.extra]
+                cmds.append((d, cmd))
+    return cmds
+
+
+def run_logged(run_dir: str, cmd: list[str]) -> int:
+    """Run one training process with its output in <run_dir>/stdout.log (also what a SLURM job runs)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stdout.log"), "a") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE).returncode
+
+
+def launch(opts, todo):
+    if opts.launcher == "local":
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(opts.workers) as pool:
+            codes = list(pool.map(lambda dc: run_logged(*dc), todo))
+    else:
+        import submitit  # the same code path on a laptop (submitit-local) and on a cluster (slurm)
+        folder = os.path.join(opts.out_dir, "submitit")
+        if opts.launcher == "slurm":
+            ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            ex.update_parameters(timeout_min=opts.timeout_min, slurm_partition=opts.slurm_partition,
+                                 gpus_per_node=opts.gpus, cpus_per_task=opts.cpus, slurm_array_parallelism=opts.workers)
+        else:
+            ex = submitit.LocalExecutor(folder=folder)
+            ex.update_parameters(timeout_min=opts.timeout_min)
+        jobs = [ex.submit(run_logged, d, c) for d, c in todo]
+        print(f"[suite] submitted {len(jobs)} job(s) to {opts.launcher}: {', '.join(j.job_id for j in jobs)}")
+        codes = [j.result() for j in jobs]
+    for (d, _), code in zip(todo, codes):
+        if code != 0:
+            print(f"[suite] FAILED ({code}): {d}, see {os.path.join(d, 'stdout.log')}")
+    return codes
+
+
+def read_evals(run_dir: str) -> list[tuple[int, float]]:
+    """(global step, success) rows of a run: online steps count after the offline ones."""
+    import csv
+    with open(os.path.join(run_dir, "args.json")) as f:
+        offline_steps = json.load(f)["offline_steps"]
+    with open(os.path.join(run_dir, "eval.csv")) as f:
+        return [(int(r["step"]) + (offline_steps if r["phase"] == "online" else 0), float(r["success_rate"]))
+                for r in csv.DictReader(f)]
+
+
+def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
+    """mean +- std of success over seeds, per (task, method), at the chosen global steps (default: last)."""
+    table = {}
+    for task in tasks:
+        for method in methods:
+            curves = {}
+            for seed in seeds:
+                d = run_dir_of(out_dir, task, method, seed)
+                if os.path.exists(os.path.join(d, "eval.csv")):
+                    curves[seed] = dict(read_evals(d))
+            if not curves:
+                continue
+            all_steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+            want = steps or all_steps[-1:]
+            cells = {}
+            for s in want:
+                vals = [c[s] for c in curves.values() if s in c]
+                if vals:
+                    cells[s] = dict(mean=float(np.mean(vals)), std=float(np.std(vals)), n=len(vals))
+            table[f"{task}/{method}"] = dict(task=task, method=method, cells=cells,
+                                             curve={s: [c[s] for c in curves.values() if s in c] for s in all_steps})
+    return table
+
+
+def table_markdown(table: dict) -> str:
+    steps = sorted({s for row in table.values() for s in row["cells"]})
+    lines = ["| task | method | " + " | ".join(f"step {s:,}" for s in steps) + " | paper (end) |",
+             "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    for row in table.values():
+        ref = REFERENCE.get(row["task"], {}).get(row["method"])
+        cells = [f"{row['cells'][s]['mean']:.2f} ± {row['cells'][s]['std']:.2f} (n={row['cells'][s]['n']})"
+                 if s in row["cells"] else "" for s in steps]
+        lines.append(f"| {row['task']} | {row['method']} | " + " | ".join(cells) + f" | {'' if ref is None else ref} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(table: dict, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    for task in sorted({row["task"] for row in table.values()}):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, row in enumerate(r for r in table.values() if r["task"] == task):
+            steps = sorted(row["curve"])
+            mean = np.array([np.mean(row["curve"][s]) for s in steps])
+            std = np.array([np.std(row["curve"][s]) for s in steps])
+            color = f"C{i}"
+            ax.plot(steps, mean, "-o", color=color, label=row["method"], ms=3)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            ref = REFERENCE.get(task, {}).get(row["method"])
+            if ref is not None:
+                ax.axhline(ref, color=color, ls="--", lw=1, label=f"{row['method']} paper (2M steps)")
+        ax.set(title=task, xlabel="training step (offline, then online)", ylabel="success rate", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"curves_{task}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def suite(opts):
+    cmds = suite_commands(opts)
+    todo = [(d, c) for d, c in cmds if not os.path.exists(os.path.join(d, "summary.json"))]
+    print(f"[suite] {len(cmds)} run(s), {len(cmds) - len(todo)} already finished, {len(todo)} to run")
+    if opts.dry_run:
+        for d, c in todo:
+            print(" ".join(c))
+        return None
+    if todo:
+        launch(opts, todo)
+    table = aggregate(opts.out_dir, opts.tasks, opts.methods, opts.seeds, opts.report_steps)
+    md = table_markdown(table)
+    with open(os.path.join(opts.out_dir, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(opts.out_dir, "results.json"), "w") as f:
+        json.dump({k: dict(v, curve={str(s): x for s, x in v["curve"].items()},
+                           cells={str(s): x for s, x in v["cells"].items()}) for k, v in table.items()}, f, indent=1)
+    figs = plot_curves(table, opts.out_dir)
+    print(md)
+    print(f"[suite] wrote {os.path.join(opts.out_dir, 'results.md')} and {', '.join(figs)}")
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="MVP against its baselines: speed and success.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("speed", help="throughput and latency of every method on this device")
+    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
+    s.add_argument("--hidden-dim", type=int, default=512)
+    s.add_argument("--num-layers", type=int, default=4)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--num-candidates", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported")
+    s.add_argument("--seconds", type=float, default=10.0, help="time per throughput measurement")
+    s.add_argument("--latency-calls", type=int, default=50, help="single-observation action calls per repeat")
+    s.add_argument("--out-dir", default="bench")
+    u = sub.add_parser("suite", help="training runs per (task, seed, method), then a table and curves")
+    u.add_argument("--tasks", nargs="+", default=["cube-double-task1"])
+    u.add_argument("--seeds", nargs="+", type=int, default=[0])
+    u.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
+    u.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    u.add_argument("--workers", type=int, default=1, help="runs at a time")
+    u.add_argument("--report-steps", nargs="+", type=int, default=None, help="global steps for the table (default: last)")
+    u.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
+    u.add_argument("--slurm-partition", default=None)
+    u.add_argument("--gpus", type=int, default=1)
+    u.add_argument("--cpus", type=int, default=8)
+    u.add_argument("--timeout-min", type=int, default=60 * 24)
+    u.add_argument("--out-dir", default="suite")
+    u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
+    opts = p.parse_args(argv)
+    for name in ("repeats", "latency_calls", "workers"):
+        if getattr(opts, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if opts.command == "suite":
+        for task in opts.tasks:
+            try:
+                mvp.resolve_env_name(task)
+            except ValueError as e:
+                p.error(str(e))
+    return speed(opts) if opts.command == "speed" else suite(opts)
+
+
+if __name__ == "__main__":
+    main()
