@@ -35,11 +35,13 @@ import argparse
 import csv
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 # ================================================================================================
 @dataclass
 class Args:
-    env: str = field(default="cube-double", metadata=dict(help="OGBench task: full name or alias (cube-double, cube-triple-task4, ...)"))
+    env: str = field(default="cube-double", metadata=dict(help="OGBench task, full name or alias (cube-double, cube-triple-task4, ...), or robomimic lift | can | square"))
     seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
     threads: int = field(default=0, metadata=dict(help="CPU threads for torch (0: torch's default); use 1 on a busy shared machine"))
@@ -88,13 +90,15 @@ class Args:
     eval_episodes: int = field(default=50, metadata=dict(help="episodes per evaluation"))
     log_interval: int = field(default=1_000, metadata=dict(help="write a CSV row every this many updates"))
     # data
-    dataset_dir: str | None = field(default=None, metadata=dict(help="OGBench dataset directory (default ~/.ogbench/data)"))
-    generate_data: bool = field(default=False, metadata=dict(help="generate the play dataset with OGBench's scripted planner"))
-    dataset_episodes: int | None = field(default=None, metadata=dict(help="episodes to generate (default: public size); implies --generate-data"))
+    dataset_dir: str | None = field(default=None, metadata=dict(help="dataset directory (default OGBench's ~/.ogbench/data, robomimic's ~/.robomimic)"))
+    generate_data: bool = field(default=False, metadata=dict(help="generate data: OGBench's scripted planner, or scripted robomimic demos (lift, can)"))
+    dataset_episodes: int | None = field(default=None, metadata=dict(help="OGBench: episodes to generate (default public size; implies --generate-data). robomimic: demos to record, or the first N demos of a file"))
     data_seed: int = field(default=0, metadata=dict(help="seed of the generated dataset"))
     data_workers: int = field(default=0, metadata=dict(help="worker processes for generation (0: all cores)"))
     # output
     run_dir: str | None = field(default=None, metadata=dict(help="output directory (default runs/<env>_s<seed>_<time>)"))
+    save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase (0: never; Ctrl-C always saves)"))
+    resume: str | None = field(default=None, metadata=dict(help="continue the run in this directory from its newest good checkpoint"))
     checkpoint: str | None = field(default=None, metadata=dict(help="checkpoint to evaluate with --eval-only"))
     eval_only: bool = field(default=False, metadata=dict(help="only evaluate --checkpoint"))
 
@@ -116,7 +120,7 @@ def parse_args(argv=None) -> Args:
     for name in ["num_candidates", "chunk_len", "flow_steps", "batch_size", "hidden_dim", "num_layers", "num_critics", "eval_episodes", "log_interval"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads"]:
+    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads", "save_interval"]:
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.ivc_coef < 0:
@@ -456,9 +460,11 @@ def resolve_env_name(name: str) -> str:
     """Alias or full OGBench name -> full name, e.g. cube-double-task3 -> cube-double-play-singletask-task3-v0."""
     if name in TASK_ALIASES:
         return TASK_ALIASES[name]
+    if name in ROBOMIMIC_TASKS:
+        return name
     if FULL_NAME.match(name):
         return name
-    raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, "
+    raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, {', '.join(ROBOMIMIC_TASKS)}, "
                      f"or full OGBench names cube-{{double,triple}}-play-singletask[-task{{1..5}}]-v0")
 
 
@@ -655,9 +661,612 @@ def load_task(env_name: str, args: Args):
     """(dataset, make_env) for a resolved task name: the one place that knows which suite a task is from.
 
     dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations.
-    make_env(): a new gymnasium-style env whose info["success"] reports task success."""
+    make_env(): a new gymnasium-style env whose info["success"] reports task success; its
+    .env_args (robomimic: the file's env_args) let --eval-only rebuild it without the dataset."""
+    if env_name in ROBOMIMIC_TASKS:
+        # --dataset-episodes: the first N demos of a human file, or the demos to record with --generate-data
+        return load_robomimic(env_name, args.dataset_dir, args.generate_data, args.dataset_episodes, args.data_seed)
     _, dataset, _ = load_ogbench(env_name, prepare_dataset_dir(env_name, args))
-    return dataset, lambda: make_env(env_name)
+    new_env = functools.partial(make_env, env_name)
+    return dataset, new_env
+
+
+def env_from_checkpoint(ckpt: dict):
+    """The evaluation env of a saved policy: OGBench by name, robomimic from the env_args it was trained in."""
+    if ckpt["env_name"] in ROBOMIMIC_TASKS:
+        return RobomimicEnv(json.loads(ckpt["env_args"]), ROBOMIMIC_TASKS[ckpt["env_name"]]["max_episode_steps"],
+                            source=f"checkpoint of {ckpt['env_name']}")
+    return make_env(ckpt["env_name"])
+
+
+# Robomimic's task table, HDF5 reader, env rebuilt from the file's env_args, and scripted demonstrators.
+# Why no `robomimic` import: its PyPI release (0.3.0) imports mujoco_py at load and declares unpinned
+# torch/torchvision (pip would swap the CPU torch for a multi-GB CUDA build). What is needed from it
+# is small and stable: the HDF5 layout, how it rebuilds an env (robosuite.make(env_name, **env_kwargs)
+# with rendering off and object observations on) and the dataset URLs; they are re-stated here.
+# ---- robomimic tasks (Lift, Can, Square) through robosuite; no dependency on the robomimic package ------------------------------------------------------------------------------
+# env_name: robosuite environment the datasets were recorded in (the file's env_args must match);
+# max_episode_steps: the protocol's episode cap; dataset: path under the dataset root, robomimic's
+# own layout <task>/<mh|ph>/low_dim_v141.hdf5 (v141 = recorded with robosuite 1.4.1).
+ROBOMIMIC_TASKS = {
+    "lift": dict(env_name="Lift", max_episode_steps=300, dataset="lift/mh/low_dim_v141.hdf5"),
+    "can": dict(env_name="PickPlaceCan", max_episode_steps=300, dataset="can/mh/low_dim_v141.hdf5"),
+    "square": dict(env_name="NutAssemblySquare", max_episode_steps=400, dataset="square/mh/low_dim_v141.hdf5"),
+}
+OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+DEFAULT_ROOT = "~/.robomimic"
+# robomimic 0.3's DATASET_REGISTRY entry for the v141 low-dim files (checked against the 0.3.0 sdist).
+URL_TEMPLATE = "http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{kind}/low_dim_v141.hdf5"
+DEFAULT_SCRIPTED_DEMOS = 100
+ROBOSUITE_VERSION = "1.4.1"
+
+
+def dataset_url(task: str, kind: str = "mh") -> str:
+    """Public download address of robomimic's low-dim file for a task ('mh' multi-human, 'ph' proficient)."""
+    return URL_TEMPLATE.format(task=task, kind=kind)
+
+
+def _task(task: str) -> dict:
+    if task not in ROBOMIMIC_TASKS:
+        raise ValueError(f"unknown robomimic task {task!r}; accepted: {', '.join(ROBOMIMIC_TASKS)}")
+    return ROBOMIMIC_TASKS[task]
+
+
+def _task_of_env_name(env_name: str):
+    return next((t for t, spec in ROBOMIMIC_TASKS.items() if spec["env_name"] == env_name), None)
+
+
+# ---- optional imports, with the fix in the message ---------------------------------------------
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise SystemExit(f"error: h5py is not installed ({e}). Run: pip install -r requirements.txt")
+    return h5py
+
+
+class _MacroNagFilter:
+    """logging filter dropping robosuite's 'No private macro file found!' start-up lines, and only those."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        return not ("private macro file" in msg or "setup_macros.py" in msg)
+
+
+def import_robosuite():
+    """Import robosuite quietly: its 'No private macro file found!' warnings are not actionable here.
+
+    The filter is attached to robosuite's own logger before the import, so only those three
+    start-up lines are dropped; any other robosuite warning still shows."""
+    import logging
+    import warnings
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _MacroNagFilter) for f in logger.filters):
+        logger.addFilter(_MacroNagFilter())
+    warnings.filterwarnings("ignore", module="glfw")  # no display: rendering is never used
+    # robosuite 1.4.1 calls the deprecated Logger.warn for those same lines
+    warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+    try:
+        import robosuite
+    except ImportError as e:
+        raise SystemExit(f"error: robosuite is not installed ({e}). Run: pip install -r requirements.txt")
+    if not robosuite.__version__.startswith("1.4."):
+        print(f"[robomimic] warning: robosuite {robosuite.__version__} installed; the v141 datasets were "
+              f"recorded with {ROBOSUITE_VERSION} (pinned in requirements.txt)", file=sys.stderr)
+    return robosuite
+
+
+# ---- environment metadata (env_args) -------------------------------------------------------------
+def robomimic_env_args(task: str) -> dict:
+    """The env_args robomimic stores for a task's v141 low-dim file (used to record scripted data).
+
+    Same structure as robomimic's EnvRobosuite.serialize(): env_name, env_version, type 1
+    (robosuite), env_kwargs with robosuite's default OSC_POSE controller, Panda, 20 Hz, sparse
+    reward, no cameras. Loading a real file always uses the file's own env_args instead."""
+    robosuite = import_robosuite()
+    from robosuite.controllers import load_controller_config
+    return dict(
+        env_name=_task(task)["env_name"], env_version=robosuite.__version__, type=1,
+        env_kwargs=dict(has_renderer=False, has_offscreen_renderer=False, ignore_done=True,
+                        use_object_obs=True, use_camera_obs=False, control_freq=20,
+                        controller_configs=load_controller_config(default_controller="OSC_POSE"),
+                        robots=["Panda"], camera_depths=False, camera_heights=84, camera_widths=84,
+                        reward_shaping=False))
+
+
+def _make_robosuite_env(env_args: dict, source: str = "env_args"):
+    """robosuite.make(env_name, **env_kwargs), with the overrides robomimic applies for low-dim data.
+
+    robomimic's EnvRobosuite forces has_renderer/has_offscreen_renderer/use_camera_obs False,
+    use_object_obs True, ignore_done True (it caps episodes itself) and camera_depths False."""
+    robosuite = import_robosuite()
+    kwargs = dict(env_args.get("env_kwargs", {}))
+    kwargs.update(has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
+                  use_object_obs=True, ignore_done=True, camera_depths=False)
+    state = np.random.get_state()  # robosuite's constructor resets the scene from the global RNG
+    try:
+        return robosuite.make(env_args["env_name"], **kwargs)
+    except (TypeError, KeyError, ValueError, AssertionError) as e:  # kwargs of another robosuite version
+        raise DatasetError(f"{source}: robosuite {robosuite.__version__} cannot build {env_args['env_name']} from the "
+                           f"file's env_kwargs ({e}); it was recorded with robosuite "
+                           f"{env_args.get('env_version', '?')}. Use the v141 files (robosuite {ROBOSUITE_VERSION}).")
+    finally:
+        np.random.set_state(state)
+
+
+def flat_obs(obs: dict) -> np.ndarray:
+    """robosuite's observation dict -> the protocol's flat float32 vector (robomimic's 'object' = 'object-state')."""
+    parts = [obs["object-state"] if k == "object" else obs[k] for k in OBS_KEYS]
+    return np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in parts])
+
+
+class _Space:
+    """Just enough of a gymnasium Box for the training loop (shape, dtype, low/high, sample)."""
+
+    def __init__(self, low, high, shape, rng=None):
+        self.shape, self.dtype = tuple(shape), np.float32
+        self.low = np.full(shape, low, np.float32)
+        self.high = np.full(shape, high, np.float32)
+        self._rng = rng or np.random.default_rng()
+
+    def sample(self):
+        return self._rng.uniform(self.low, self.high).astype(np.float32)
+
+
+class RobomimicEnv:
+    """A robosuite task with the protocol's gymnasium-like API (reset -> (obs, info), step -> 5-tuple).
+
+    reward = success - 1 (with reward_shaping False, robosuite's sparse reward is exactly the
+    success indicator, so this matches the dataset's shifted rewards); terminated = success (it ends
+    the episode); truncated = the cap is reached without success; info["success"] is a bool.
+
+    Seeding: robosuite 1.4 draws object placements and robot init noise from NumPy's *global*
+    RNG. reset(seed) reseeds this env's own generator; every reset draws a seed from it, runs
+    robosuite's reset under that global state and restores the caller's global state afterwards,
+    so resets are reproducible and do not disturb other users of np.random."""
+
+    def __init__(self, env_args: dict, max_episode_steps: int, source: str = "env_args"):
+        self.env_args = env_args
+        self.env_name = env_args["env_name"]
+        self.max_episode_steps = int(max_episode_steps)
+        self.env = _make_robosuite_env(env_args, source)
+        low, high = self.env.action_spec
+        self.action_space = _Space(-1.0, 1.0, np.asarray(low).shape)
+        self.action_space.low, self.action_space.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+        self._rng = np.random.default_rng()
+        self._t, self._raw = 0, None
+        obs, _ = self.reset()
+        self.observation_space = _Space(-np.inf, np.inf, obs.shape)
+
+    def reset(self, seed=None, options=None):
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        state = np.random.get_state()
+        try:
+            np.random.seed(int(self._rng.integers(2**32 - 1)))
+            self._raw = self.env.reset()
+        finally:
+            np.random.set_state(state)
+        self._t = 0
+        return flat_obs(self._raw), {"success": False}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
+        self._raw, _, _, info = self.env.step(action)
+        self._t += 1
+        success = bool(self.env._check_success())
+        truncated = (not success) and self._t >= self.max_episode_steps
+        info = dict(info, success=success)
+        return flat_obs(self._raw), float(success) - 1.0, success, truncated, info
+
+    @property
+    def raw_obs(self) -> dict:
+        """robosuite's full observation dict of the last reset/step (the scripted demonstrator reads it)."""
+        return self._raw
+
+    def close(self):
+        self.env.close()
+
+
+# ---- reading robomimic's HDF5 ----------------------------------------------------------------------
+def _fix(path, task):
+    """The remedy for a bad file: regenerate (scripted files, tasks with a demonstrator) and/or re-download."""
+    if os.path.basename(path).startswith("low_dim_scripted_"):
+        return "Delete it and rerun with --generate-data to regenerate it."
+    redownload = f"re-download it from {dataset_url(task)} to {path}" if task in ROBOMIMIC_TASKS else "re-download it"
+    if task in SCRIPTED:
+        return (f"Delete it and regenerate with --generate-data (scripted demos, not the paper's data), "
+                f"or {redownload}.")
+    return f"Delete it and {redownload}."
+
+
+def read_env_args(path: str, task: str = None) -> dict:
+    """data.attrs['env_args'] of a robomimic file, as a dict; DatasetError naming the file if unreadable."""
+    h5py = _import_h5py()
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f["data"].attrs["env_args"])
+    except Exception as e:
+        raise DatasetError(f"cannot read env_args of {path} ({type(e).__name__}: {e}). "
+                           + _fix(path, task or "<task>")) from None
+
+
+def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
+    """Read a robomimic low-dim file into the flat arrays the training loop uses.
+
+    Returns (dataset, env_args, scripted_settings or None). Demos are taken in numeric order
+    (demo_0, demo_1, ..., demo_10: robomimic names them by index, not zero-padded), the first
+    num_demos if given. rewards are shifted by -1; masks = 0 where the file's reward is 1 (success:
+    bootstrapping stops there, as online, where success terminates); terminals = 1 on each demo's
+    last row, from the demo boundaries (the file's `dones` also marks success steps in robomimic's
+    done_mode 2, so it is not used for boundaries)."""
+    h5py = _import_h5py()
+    spec = _task(task)
+    if not os.path.exists(path):
+        raise DatasetError(f"dataset file {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as e:
+        raise DatasetError(f"cannot read dataset file {path} ({type(e).__name__}: {e}); it is corrupt or not HDF5. "
+                           + _fix(path, task)) from None
+    with f:
+        try:
+            data = f["data"]
+            env_args = json.loads(data.attrs["env_args"])
+            scripted = json.loads(data.attrs["mvp_scripted"]) if "mvp_scripted" in data.attrs else None
+            names = sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k[5:]))
+        except Exception as e:
+            raise DatasetError(f"{path} is not a robomimic dataset (no readable data group / env_args: "
+                               f"{type(e).__name__}: {e}). " + _fix(path, task)) from None
+        if env_args.get("env_name") != spec["env_name"]:
+            other = _task_of_env_name(env_args.get("env_name"))
+            what = f"task '{other}'" if other else "another environment"
+            raise DatasetError(f"{path} holds demos of {env_args.get('env_name')!r} ({what}), not {spec['env_name']!r} "
+                               f"(task '{task}'). Put the {task} file there "
+                               f"({dataset_url(task)}) or regenerate with --generate-data.")
+        version = str(env_args.get("env_version", ROBOSUITE_VERSION))
+        if not version.startswith("1.4."):
+            raise DatasetError(f"{path} was recorded with robosuite {version}; this project runs robosuite "
+                               f"{ROBOSUITE_VERSION} (MuJoCo 3.1.6, shared with OGBench) and needs the v141 files: "
+                               f"{dataset_url(task)}")
+        if not names:
+            raise DatasetError(f"{path} has no demos under data/. " + _fix(path, task))
+        if num_demos is not None:
+            if num_demos > len(names):
+                raise DatasetError(f"{path} has {len(names)} demos, fewer than the {num_demos} asked for")
+            names = names[:num_demos]
+        cols = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations")}
+        try:
+            for name in names:
+                demo = data[name]
+                obs = np.concatenate([np.asarray(demo["obs"][k], np.float32) for k in OBS_KEYS], axis=1)
+                nxt = np.concatenate([np.asarray(demo["next_obs"][k], np.float32) for k in OBS_KEYS], axis=1)
+                act = np.asarray(demo["actions"], np.float32)
+                rew = np.asarray(demo["rewards"], np.float32).reshape(-1)
+                n = len(act)
+                if n == 0 or not (len(obs) == len(nxt) == len(rew) == n):
+                    raise ValueError(f"{name}: obs/next_obs/actions/rewards lengths {len(obs)}/{len(nxt)}/{n}/{len(rew)}")
+                if not np.isin(rew, (0.0, 1.0)).all():
+                    raise ValueError(f"{name}: rewards are not sparse 0/1 (a dense-reward file?); the protocol "
+                                     f"uses the sparse low_dim files")
+                term = np.zeros(n, np.float32)
+                term[-1] = 1.0
+                cols["observations"].append(obs)
+                cols["next_observations"].append(nxt)
+                cols["actions"].append(act)
+                cols["rewards"].append(rew - 1.0)
+                cols["masks"].append((rew != 1.0).astype(np.float32))
+                cols["terminals"].append(term)
+        except (KeyError, ValueError, OSError) as e:
+            raise DatasetError(f"{path}: bad demo data ({type(e).__name__}: {e}). " + _fix(path, task)) from None
+    dataset = {k: np.ascontiguousarray(np.concatenate(v, axis=0), dtype=np.float32) for k, v in cols.items()}
+    if dataset["actions"].shape[1] != 7:
+        raise DatasetError(f"{path} has {dataset['actions'].shape[1]}-D actions, expected 7 (OSC_POSE + gripper)")
+    return dataset, env_args, scripted
+
+
+# ---- locating the file: local, download, or generated ---------------------------------------------
+def default_dataset_path(task: str, dataset_dir: str = None) -> str:
+    """<dataset_dir or ~/.robomimic>/<task>/mh/low_dim_v141.hdf5 (robomimic's own layout, multi-human)."""
+    return os.path.join(os.path.expanduser(dataset_dir or DEFAULT_ROOT), _task(task)["dataset"])
+
+
+def scripted_dataset_path(task: str, num_demos: int, seed: int, dataset_dir: str = None) -> str:
+    """Where generated files go: a separate 'scripted' folder and name, so a human file is never shadowed."""
+    root = os.path.expanduser(dataset_dir or DEFAULT_ROOT)
+    return os.path.join(root, task, "scripted", f"low_dim_scripted_{num_demos}demos_seed{seed}.hdf5")
+
+
+def download(url: str, path: str, timeout: float = 30.0):
+    """Fetch url to path (through path + '.tmp', then renamed, so a partial file is never used)."""
+    import urllib.request
+    from tqdm import tqdm
+    folder = os.path.dirname(path) or "."
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    tmp, ok = path + ".tmp", False
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as out:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := r.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        with open(tmp, "rb") as f:  # an HTML error page saved as .hdf5 would only fail later, less clearly
+            if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise OSError(f"{url} did not return an HDF5 file")
+        os.replace(tmp, path)
+        ok = True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if created and not ok:  # leave no empty folders behind a failed download
+            try:
+                os.removedirs(folder)
+            except OSError:
+                pass
+
+
+def load_robomimic(task: str, dataset_dir: str = None, generate: bool = False, num_demos: int = None,
+                   seed: int = 0):
+    """(dataset, make_env) for 'lift', 'can' or 'square', the same contract as mvp.load_task.
+
+    Where the data comes from:
+    - generate=False: <dataset_dir or ~/.robomimic>/<task>/mh/low_dim_v141.hdf5 (dataset_dir may also
+      be the .hdf5 file itself); if absent, robomimic's public URL is tried; if that fails, a
+      DatasetError names the URL and the exact path to put the file. num_demos: the first N demos.
+    - generate=True: a scripted-demonstrator file (Lift or Can; not Square) with num_demos successful demos
+      (default 100) for `seed`, in <root>/<task>/scripted/, reused when its settings match.
+    make_env() builds a NEW RobomimicEnv from the file's own env_args, capped at the task's limit.
+    It carries .dataset_path and .scripted (the generator's settings or None) as attributes."""
+    spec = _task(task)
+    if generate:
+        n = num_demos or DEFAULT_SCRIPTED_DEMOS
+        path = scripted_dataset_path(task, n, seed, dataset_dir)
+        generate_scripted(task, path, n, seed)
+        num_demos = None  # the generated file holds exactly n demos
+    else:
+        direct = dataset_dir is not None and str(dataset_dir).endswith((".hdf5", ".h5"))
+        path = os.path.expanduser(dataset_dir) if direct else default_dataset_path(task, dataset_dir)
+        if not os.path.exists(path):
+            url = dataset_url(task)
+            try:
+                print(f"[robomimic] {path} not found; downloading {url}", file=sys.stderr)
+                download(url, path)
+            except Exception as e:
+                alt = ("; or run with --generate-data to record scripted demos (not the paper's data)"
+                       if task in SCRIPTED else f" (there is no scripted demonstrator for {task})")
+                raise DatasetError(
+                    f"robomimic dataset for '{task}' not found at {path} and the download failed "
+                    f"({type(e).__name__}: {e}). Download {url} and put it at {path} "
+                    f"(or pass --dataset-dir){alt}.") from None
+    dataset, env_args, scripted = read_robomimic_hdf5(path, task, num_demos)
+    if scripted:
+        print(f"[robomimic] {path}: SCRIPTED demos ({scripted.get('demonstrator')}), not the human data of the "
+              f"paper; results are not comparable.", file=sys.stderr)
+    cap = spec["max_episode_steps"]
+
+    def make_env():
+        return RobomimicEnv(env_args, cap, source=path)
+
+    make_env.dataset_path, make_env.scripted, make_env.env_args = path, scripted, env_args
+    return dataset, make_env
+
+
+# ---- scripted demonstrator -------------------------------------------------------------------------
+class ScriptedLift:
+    """Reach above the cube, descend, close the gripper, lift: a proportional controller on OSC_POSE deltas.
+
+    Reads the cube position from robosuite's observation dict (privileged, fine for a demonstrator).
+    Gaussian noise on the translation actions (noise_std) widens the state coverage of the data.
+    The gripper is not turned to the cube's yaw: the cube (about 4 cm) fits the 8 cm opening at any
+    yaw and the fingers square it up while closing."""
+
+    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0):
+        self.rng, self.noise_std, self.gain = rng, noise_std, gain
+        self.phase, self.t_phase = "reach", 0
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        eef, cube = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["cube_pos"])
+        grip = -1.0
+        if self.phase == "reach":
+            target = cube + np.array([0.0, 0.0, 0.06])
+            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
+                self._next("descend")
+        if self.phase == "descend":
+            target = cube + np.array([0.0, 0.0, -0.005])
+            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
+                self._next("grasp")
+        if self.phase == "grasp":
+            target, grip = cube + np.array([0.0, 0.0, -0.005]), 1.0
+            if self.t_phase >= 12:
+                self._next("lift")
+        if self.phase == "lift":
+            target, grip = np.array([cube[0], cube[1], cube[2] + 0.15]), 1.0
+        self.t_phase += 1
+        action = np.zeros(7)
+        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
+        action[6] = grip
+        return np.clip(action, -1.0, 1.0)
+
+    def _next(self, phase):
+        self.phase, self.t_phase = phase, 0
+
+
+class ScriptedCan:
+    """Pick the can, carry it high over the bin wall to the can's target compartment, drop it, back off.
+
+    robosuite's Can success needs the can inside its compartment of the second bin AND the gripper
+    away from it, hence the release-and-retreat phases. Same controller and noise as ScriptedLift."""
+
+    CARRY_Z, DROP_Z = 1.05, 0.95
+
+    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0, target_xy=(0.1975, 0.4025)):
+        self.rng, self.noise_std, self.gain = rng, noise_std, gain
+        self.target_xy = np.asarray(target_xy, dtype=np.float64)
+        self.phase, self.t_phase = "reach", 0
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        eef, can = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["Can_pos"])
+        tx, ty = self.target_xy
+        grip = -1.0
+        if self.phase == "reach":
+            target = can + np.array([0.0, 0.0, 0.08])
+            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
+                self._next("descend")
+        if self.phase == "descend":
+            target = can.copy()
+            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
+                self._next("grasp")
+        if self.phase == "grasp":
+            target, grip = can.copy(), 1.0
+            if self.t_phase >= 12:
+                self._next("lift")
+        if self.phase == "lift":
+            target, grip = np.array([eef[0], eef[1], self.CARRY_Z]), 1.0
+            if eef[2] > self.CARRY_Z - 0.03 or self.t_phase > 60:
+                self._next("carry")
+        if self.phase == "carry":
+            target, grip = np.array([tx, ty, self.CARRY_Z]), 1.0
+            if np.linalg.norm((target - eef)[:2]) < 0.02 or self.t_phase > 100:
+                self._next("lower")
+        if self.phase == "lower":
+            target, grip = np.array([tx, ty, self.DROP_Z]), 1.0
+            if abs(eef[2] - self.DROP_Z) < 0.02 or self.t_phase > 40:
+                self._next("release")
+        if self.phase == "release":
+            target = np.array([tx, ty, self.DROP_Z])
+            if self.t_phase >= 10:
+                self._next("retreat")
+        if self.phase == "retreat":
+            target = np.array([tx, ty, self.CARRY_Z + 0.05])
+        self.t_phase += 1
+        action = np.zeros(7)
+        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
+        action[6] = grip
+        return np.clip(action, -1.0, 1.0)
+
+    _next = ScriptedLift._next
+
+
+SCRIPTED = {"lift": ScriptedLift, "can": ScriptedCan}
+
+
+def _scripted_kwargs(task: str, env: "RobomimicEnv") -> dict:
+    """Scene facts a demonstrator needs that are not in the observation (Can: its target compartment)."""
+    if task == "can":
+        e = env.env
+        return dict(target_xy=tuple(float(x) for x in e.target_bin_placements[e.object_id][:2]))
+    return {}
+
+
+def _robomimic_obs(env) -> dict:
+    """robomimic's stored observation keys: 'object' plus every robot0_* entry except proprio-state."""
+    raw = env.raw_obs
+    out = {"object": np.array(raw["object-state"], np.float64)}  # copies: robosuite may reuse its buffers
+    for k, v in raw.items():
+        if k.startswith("robot0_") and not k.endswith("proprio-state"):
+            out[k] = np.array(v, np.float64)
+    return out
+
+
+def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std: float = 0.05,
+                      max_attempts: int = None) -> str:
+    """Record num_demos successful scripted demos of `task` in robomimic's HDF5 layout at path.
+
+    The env is built from robomimic's env_args for the task (robomimic_env_args), exactly as a
+    loaded file's env would be. Attempt j resets with seed SeedSequence([seed, j]) and draws its
+    action noise from the same sequence, so the file is deterministic for a seed. Each attempt runs
+    until success (then stops, so rewards/dones are 1 only on the last row) or the task's episode
+    cap; failures are dropped and counted. data.attrs['mvp_scripted'] records the settings and the
+    success rate. An existing file with the same settings is reused; a file without the marker is
+    never overwritten. Written to path + '.tmp', then renamed."""
+    if task not in SCRIPTED:
+        raise DatasetError(f"no scripted demonstrator for '{task}' (only {', '.join(SCRIPTED)}); download the "
+                           f"human data from {dataset_url(task)} to {default_dataset_path(task)}")
+    h5py = _import_h5py()
+    from tqdm import tqdm
+    spec = _task(task)
+    settings = dict(demonstrator=f"{SCRIPTED[task].__name__} (mvp scripted, not human data)", task=task,
+                    num_demos=num_demos, seed=seed, noise_std=noise_std, max_episode_steps=spec["max_episode_steps"])
+    if os.path.exists(path):
+        try:
+            with h5py.File(path, "r") as f:
+                old = json.loads(f["data"].attrs["mvp_scripted"]) if "mvp_scripted" in f["data"].attrs else None
+        except Exception:
+            old = "unreadable"
+        if old is None:
+            raise DatasetError(f"{path} exists and was not generated by this project (a human dataset?); "
+                               f"refusing to overwrite it. Move it or pass another --dataset-dir.")
+        if isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items()):
+            return path
+        print(f"[robomimic] regenerating {path} (settings differ or file unreadable)", file=sys.stderr)
+    env_args = robomimic_env_args(task)
+    env = RobomimicEnv(env_args, spec["max_episode_steps"], source="scripted generator")
+    max_attempts = max_attempts or 3 * num_demos + 10
+    demos, attempts, started = [], 0, time.time()
+    bar = tqdm(total=num_demos, desc=f"scripted {task} demos", unit="demo", dynamic_ncols=True)
+    while len(demos) < num_demos and attempts < max_attempts:
+        ss = np.random.SeedSequence([seed, attempts])
+        env_seed, policy_seed = ss.generate_state(2)
+        attempts += 1
+        policy = SCRIPTED[task](np.random.default_rng(policy_seed), noise_std=noise_std, **_scripted_kwargs(task, env))
+        env.reset(seed=int(env_seed))
+        rec = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "dones", "states")}
+        done = success = False
+        while not done:
+            rec["obs"].append(_robomimic_obs(env))
+            rec["states"].append(np.asarray(env.env.sim.get_state().flatten()))
+            action = policy(env.raw_obs)
+            _, _, success, truncated, _ = env.step(action)
+            done = success or truncated
+            rec["next_obs"].append(_robomimic_obs(env))
+            rec["actions"].append(action)
+            rec["rewards"].append(float(success))
+            rec["dones"].append(int(done))
+        demos += [rec] if success else []
+        bar.set_postfix(attempts=attempts, success=f"{len(demos) / attempts:.2f}", refresh=False)
+        bar.update(int(success))
+    bar.close()
+    env.close()
+    if len(demos) < num_demos:
+        raise DatasetError(f"scripted {task} demonstrator succeeded in only {len(demos)} of {attempts} attempts; "
+                           f"cannot record {num_demos} demos")
+    settings.update(attempts=attempts, success_rate=round(len(demos) / attempts, 4),
+                    seconds=round(time.time() - started, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            data = f.create_group("data")
+            total = 0
+            for i, rec in enumerate(demos):
+                g = data.create_group(f"demo_{i}")
+                for part in ("obs", "next_obs"):
+                    sub = g.create_group(part)
+                    for k in rec[part][0]:
+                        sub.create_dataset(k, data=np.stack([o[k] for o in rec[part]]))
+                g.create_dataset("actions", data=np.stack(rec["actions"]))
+                g.create_dataset("rewards", data=np.asarray(rec["rewards"], np.float64))
+                g.create_dataset("dones", data=np.asarray(rec["dones"], np.int64))
+                g.create_dataset("states", data=np.stack(rec["states"]))
+                g.attrs["num_samples"] = len(rec["actions"])
+                total += len(rec["actions"])
+            data.attrs["total"] = total
+            data.attrs["env_args"] = json.dumps(env_args, indent=4)
+            data.attrs["mvp_scripted"] = json.dumps(settings)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"[robomimic] wrote {num_demos} scripted {task} demos ({total} steps) to {path}; scripted success "
+          f"rate {settings['success_rate']:.2f} ({attempts} attempts, {settings['seconds']} s)", file=sys.stderr)
+    return path
+
+
+def generate_scripted_lift(path: str, num_demos: int, seed: int, **kw) -> str:
+    """Scripted Lift demos in robomimic's layout (see generate_scripted)."""
+    return generate_scripted("lift", path, num_demos, seed, **kw)
 
 
 # ---- replay buffer on the device -----------------------------------------------------------------
@@ -796,6 +1405,159 @@ def load_checkpoint(path: str, device) -> dict:
         raise SystemExit(f"error: checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})")
 
 
+# ---- resumable checkpoints: --save-interval, Ctrl-C, --resume ----------------------------------
+RESUME_FORMAT = 1
+KEEP_CHECKPOINTS = 2  # the newest two, so a checkpoint cut short by a kill always has a good predecessor
+
+
+def check_run_dir(run_dir: str):
+    """Fail before training, not hours later, if the run directory cannot be written."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to the run directory {run_dir} ({e.strerror or e}); pass a writable --run-dir")
+
+
+def check_disk_space(run_dir: str, learner: Learner, online_steps: int, obs_dim: int, action_dim: int):
+    """Estimate what the checkpoints will take (networks, Adam moments, online buffer rows) and refuse
+    to start if the disk cannot hold them."""
+    n_train = sum(p.numel() for m in (learner.policy, learner.critic) for p in m.parameters())
+    n_target = sum(p.numel() for p in learner.target_critic.parameters())
+    net_bytes = 4 * (3 * n_train + n_target)  # weights + two Adam moments, and the target critic
+    row_bytes = 4 * online_steps * (2 * obs_dim + action_dim + 3)
+    need = (KEEP_CHECKPOINTS + 1) * (net_bytes + row_bytes) + net_bytes  # kept ones, one being written, final
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise SystemExit(f"error: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints need about "
+                         f"{need / 1e9:.2f} GB. Free some space or pass another --run-dir.")
+
+
+def rng_states(gen: torch.Generator) -> dict:
+    """Every random stream the run draws from, as tensors and plain values (weights_only-loadable)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(), gen=gen.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=[name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+                python=[version, list(internal), gauss])
+
+
+def set_rng_states(state: dict, gen: torch.Generator):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def run_state(learner: Learner, buffer: ReplayBuffer, dataset_rows: int, gen, env) -> dict:
+    """What a checkpoint needs beyond positions: networks, optimizers, RNGs, the env's RNG and the
+    online rows of the replay buffer (the offline rows are reloaded from the dataset)."""
+    return dict(policy=learner.policy.state_dict(), critic=learner.critic.state_dict(),
+                target_critic=learner.target_critic.state_dict(),
+                policy_opt=learner.policy_opt.state_dict(), critic_opt=learner.critic_opt.state_dict(),
+                rng=rng_states(gen), env_rng=dict(env.unwrapped.np_random.bit_generator.state),
+                buffer_rows={k: v[dataset_rows:buffer.size].cpu() for k, v in buffer.store.items()})
+
+
+def restore_run(state: dict, learner: Learner, buffer: ReplayBuffer, gen, env, run_dir: str):
+    """Load a checkpoint into a freshly built run; trim the logs to the checkpoint's step."""
+    learner.policy.load_state_dict(state["policy"])
+    learner.critic.load_state_dict(state["critic"])
+    learner.target_critic.load_state_dict(state["target_critic"])
+    learner.policy_opt.load_state_dict(state["policy_opt"])
+    learner.critic_opt.load_state_dict(state["critic_opt"])
+    set_rng_states(state["rng"], gen)
+    env_rng = np.random.Generator(np.random.PCG64())
+    env_rng.bit_generator.state = state["env_rng"]
+    env.unwrapped.np_random = env_rng
+    rows = state["buffer_rows"]
+    n = len(rows["obs"])
+    for k, v in rows.items():
+        buffer.store[k][buffer.size:buffer.size + n] = v.to(buffer.device)
+    buffer.size += n
+    pos, evals = state["pos"], list(state["evals"])
+    # rows written after the checkpoint (before the run died) are dropped, so the logs continue without duplicates
+    truncate_csv(os.path.join(run_dir, "offline.csv"), lambda r: int(r["step"]) <= pos["offline"])
+    truncate_csv(os.path.join(run_dir, "online.csv"), lambda r: int(r["step"]) <= pos["online"])
+    truncate_csv(os.path.join(run_dir, "eval.csv"), lambda r: len(evals) > 0 and
+                 any(str(e["step"]) == r["step"] and e["phase"] == r["phase"] for e in evals))
+    return pos, evals
+
+
+def truncate_csv(path: str, keep: Callable):
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if keep(r)]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        if fields and rows:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def save_resume_checkpoint(run_dir: str, tag: int, state: dict) -> str:
+    """Atomic write (temporary file, fsync, rename), then keep only the newest KEEP_CHECKPOINTS."""
+    folder = os.path.join(run_dir, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"resume-{tag:010d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(glob.glob(os.path.join(folder, "resume-*.pt")))[:-KEEP_CHECKPOINTS]:
+        os.remove(old)
+    return path
+
+
+def load_resume_checkpoint(run_dir: str):
+    """The newest readable checkpoint of a run; a truncated or corrupt one is reported and skipped."""
+    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt")), reverse=True)
+    if not paths:
+        raise SystemExit(f"error: no checkpoint in {os.path.join(run_dir, 'checkpoints')}: nothing to resume "
+                         f"(checkpoints are written every --save-interval steps and on Ctrl-C)")
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # cannot run code, unlike pickle
+            if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+                raise ValueError("not a checkpoint of this project")
+            return path, state
+        except Exception as e:
+            print(f"[mvp] checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
+                  f"falling back to the previous one", flush=True)
+    raise SystemExit(f"error: every checkpoint in {os.path.join(run_dir, 'checkpoints')} is truncated or corrupt")
+
+
+def resume_args(args: Args):
+    """Settings of the run being resumed; flags given now must agree with them (device and threads may change)."""
+    path, state = load_resume_checkpoint(args.resume)
+    names = {f.name for f in dataclasses.fields(Args)}
+    saved = Args(**{k: v for k, v in state["args"].items() if k in names})
+    for k in sorted(getattr(args, "_explicit", set()) & names - {"resume", "device", "threads", "run_dir"}):
+        given, kept = getattr(args, k), getattr(saved, k)
+        if k == "env":
+            given, kept = resolve_env_name(given), resolve_env_name(kept)
+        if given != kept:
+            raise SystemExit(f"error: the run in {args.resume} was trained with --{k.replace('_', '-')} {kept}, "
+                             f"not {given}; a resumed run keeps its settings (start a new run to change them)")
+    saved.run_dir, saved.resume, saved.device, saved.threads = args.resume, args.resume, args.device, args.threads
+    print(f"[mvp] resuming from {path}")
+    return saved, state
+
+
 # ================================================================================================
 # Training: an offline loop on the dataset, the replay-buffer hand-off, an online loop.
 # ================================================================================================
@@ -812,15 +1574,32 @@ def log_row(phase_step: int, info: dict, extra: dict) -> dict:
     return {"step": phase_step, **{k: round(float(v), 6) for k, v in info.items()}, **extra}  # .item() here only
 
 
-def train(args: Args) -> dict:
+class StopFlag:
+    """Ctrl-C sets a flag that the loops check between steps, so the run saves and exits cleanly;
+    a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[mvp] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort without saving)", flush=True)
+
+
+def train(args: Args, resume: dict | None = None) -> dict:
+    """Offline loop, replay-buffer hand-off, online loop. `resume` is a checkpoint from --resume."""
+    import signal
     from tqdm import tqdm
 
     device = pick_device(args.device, args.threads)
     env_name = resolve_env_name(args.env)
     run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=1)
+    check_run_dir(run_dir)
+    if resume is None:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
     print(f"[mvp] {env_name} on {device}, run dir {run_dir}")
 
     gen = seed_everything(args.seed, device)
@@ -829,9 +1608,32 @@ def train(args: Args) -> dict:
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     learner = make_learner(obs_dim, action_dim * args.chunk_len, args, device)
     buffer = ReplayBuffer(dataset, len(dataset["observations"]) + args.online_steps, device)
+    check_disk_space(run_dir, learner, args.online_steps, obs_dim, action_dim)
     monitor = LossMonitor(device)
-    eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
+    pos = dict(offline=0, online=0, episodes=0, last_ep=dict(episode=0, episode_return=float("nan"),
+                                                             episode_length=0, episode_success=float("nan")))
     evals = []
+    if resume is not None:
+        if (resume["obs_dim"], resume["action_dim"]) != (obs_dim, action_dim):
+            raise SystemExit(f"error: the checkpoint in {run_dir} has observation/action sizes "
+                             f"{resume['obs_dim']}/{resume['action_dim']}, the task has {obs_dim}/{action_dim}")
+        pos, evals = restore_run(resume, learner, buffer, gen, env, run_dir)
+        print(f"[mvp] resumed at offline step {pos['offline']}, online step {pos['online']}")
+    eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
+    stop = StopFlag()
+    previous_handler = signal.signal(signal.SIGINT, stop)
+
+    def checkpoint(phase_tag: str):
+        state = dict(format=RESUME_FORMAT, env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
+                     args=dataclasses.asdict(args), pos=pos, evals=evals, **run_state(learner, buffer, len(dataset["observations"]), gen, env))
+        path = save_resume_checkpoint(run_dir, pos["offline"] + pos["online"], state)
+        tqdm.write(f"[mvp] checkpoint {path} ({phase_tag})")
+
+    def interrupted():
+        checkpoint("interrupted")
+        signal.signal(signal.SIGINT, previous_handler)
+        print(f"[mvp] stopped by Ctrl-C. Resume with: python mvp.py --resume {run_dir}", flush=True)
+        raise SystemExit(130)
 
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
@@ -847,7 +1649,8 @@ def train(args: Args) -> dict:
 
     # ---- offline: behaviour-clone the dataset's chunks by mean flow, learn Q, select best-of-N ----
     log = CSVLog(os.path.join(run_dir, "offline.csv"))
-    bar = tqdm(range(1, args.offline_steps + 1), desc="offline", unit="upd", dynamic_ncols=True)
+    bar = tqdm(range(pos["offline"] + 1, args.offline_steps + 1), desc="offline", unit="upd", dynamic_ncols=True,
+               initial=pos["offline"], total=args.offline_steps)
     tick = phase_start = time.time()
     eval_seconds = 0.0
     for step in bar:
@@ -862,19 +1665,28 @@ def train(args: Args) -> dict:
         if (args.eval_interval and step % args.eval_interval == 0) or step == args.offline_steps:
             run_eval("offline", step, bar)
             tick = time.time()
+        pos["offline"] = step
+        if args.save_interval and step % args.save_interval == 0:
+            checkpoint("periodic")
+        if stop.requested:
+            interrupted()
+    bar.close()
     log.close()
-    offline_rate = args.offline_steps / max(time.time() - phase_start - eval_seconds, 1e-9)
+    offline_rate = (args.offline_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
 
     # ---- hand-off: the replay buffer already holds the offline data; online rows are appended ----
     imitation = best_of_n_target if args.imitation_target == "best_of_n" else buffer_target
     log = CSVLog(os.path.join(run_dir, "online.csv"))
-    bar = tqdm(range(1, args.online_steps + 1), desc="online", unit="step", dynamic_ncols=True)
-    obs, _ = env.reset(seed=args.seed)
-    queue, ep_return, ep_len, episodes = [], 0.0, 0, 0
-    last_ep = dict(episode=0, episode_return=float("nan"), episode_length=0, episode_success=float("nan"))
+    bar = tqdm(range(pos["online"] + 1, args.online_steps + 1), desc="online", unit="step", dynamic_ncols=True,
+               initial=pos["online"], total=args.online_steps)
+    # obs is None between episodes: the env is reset lazily, so a checkpoint taken there needs only the env's RNG
+    obs = env.reset(seed=args.seed)[0] if pos["online"] == 0 else None
+    queue, ep_return, ep_len, save_due = [], 0.0, 0, False
     tick, updates_since = time.time(), 0
     phase_start, eval_seconds = time.time(), 0.0
     for step in bar:
+        if obs is None:
+            obs, _ = env.reset()
         if not queue:  # a new chunk every h steps, executed open loop
             queue = list(act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen))
         action = queue.pop(0)
@@ -882,11 +1694,10 @@ def train(args: Args) -> dict:
         buffer.add(obs, action, reward, 1.0 - float(terminated), float(terminated or truncated), next_obs)
         obs, ep_return, ep_len = next_obs, ep_return + float(reward), ep_len + 1
         if terminated or truncated:
-            episodes += 1
-            last_ep = dict(episode=episodes, episode_return=ep_return, episode_length=ep_len,
-                           episode_success=float(info.get("success", 0.0)))
-            obs, _ = env.reset()
-            queue, ep_return, ep_len = [], 0.0, 0
+            pos["episodes"] += 1
+            pos["last_ep"] = dict(episode=pos["episodes"], episode_return=ep_return, episode_length=ep_len,
+                                  episode_success=float(info.get("success", 0.0)))
+            obs, queue, ep_return, ep_len = None, [], 0.0, 0
         if step > args.start_training:
             batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
             a1, valid_a1 = imitation(learner, batch, args, gen)
@@ -897,17 +1708,30 @@ def train(args: Args) -> dict:
                 monitor.check("online", info)
                 rate = dict(updates_per_s=round(updates_since / (time.time() - tick), 2),
                             env_steps_per_s=round(args.log_interval / (time.time() - tick), 2))
-                log.write(log_row(step, info, {**rate, **last_ep}))
+                log.write(log_row(step, info, {**rate, **pos["last_ep"]}))
                 tick, updates_since = time.time(), 0
         if (args.eval_interval and step % args.eval_interval == 0) or step == args.online_steps:
             run_eval("online", step, bar)
             tick = time.time()
+        pos["online"] = step
+        save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
+        if save_due and obs is None:  # periodic checkpoints wait for the episode's end: exact resume
+            checkpoint("periodic")
+            save_due = False
+        if stop.requested:
+            if obs is not None:  # mid-episode: the partial episode ends here, as a time-limit truncation
+                buffer.store["terminals"][buffer.size - 1] = 1.0
+                obs, queue, ep_return, ep_len = None, [], 0.0, 0
+            interrupted()
+    bar.close()
     log.close()
     eval_log.close()
-    online_rate = args.online_steps / max(time.time() - phase_start - eval_seconds, 1e-9)
+    signal.signal(signal.SIGINT, previous_handler)
+    online_rate = (args.online_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
 
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args,
-                    dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim))
+                    dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
+                         env_args=json.dumps(getattr(new_env, "env_args", None))))
     summary = dict(env=env_name, seed=args.seed, device=str(device), offline_steps=args.offline_steps,
                    online_steps=args.online_steps, offline_updates_per_s=round(offline_rate, 2),
                    online_env_steps_per_s=round(online_rate, 2), final_eval=evals[-1] if evals else None, evals=evals,
@@ -930,7 +1754,7 @@ def eval_only(args: Args) -> dict:
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
     gen = seed_everything(args.seed, device)
-    res = evaluate(learner, make_env(env_name), args.eval_episodes, saved.num_candidates, saved.chunk_len,
+    res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
                    device, gen, seed=10_000 * (args.seed + 1))
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
     return res
@@ -939,7 +1763,11 @@ def eval_only(args: Args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return eval_only(args) if args.eval_only else train(args)
+        if args.eval_only:
+            return eval_only(args)
+        if args.resume:
+            return train(*resume_args(args))
+        return train(args)
     except (DatasetError, NonFiniteLoss) as e:
         raise SystemExit(f"error: {e}")
 

@@ -12,6 +12,7 @@ Commands:
     python run_benchmarks.py suite --preset cpu --tasks cube-double-task1 --seeds 0 1 --methods mvp flow10
     python run_benchmarks.py suite --preset paper --tasks cube-double-task4 --seeds 0 1 2 3 4 --dry-run
     python run_benchmarks.py suite ... --launcher slurm --slurm-partition gpu   # one SLURM job per run
+    python run_benchmarks.py envs                         # robomimic env steps/s per task
 """
 from __future__ import annotations
 
@@ -203,6 +204,32 @@ def speed_markdown(out: dict) -> str:
 
 
 # ================================================================================================
+# envs: robomimic environment throughput (robosuite rebuilds its model on every reset)
+# ================================================================================================
+def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
+    """Env steps/s with uniform random actions after one reset, plus reset time and one capped episode."""
+    env = mvp.RobomimicEnv(mvp.robomimic_env_args(task), mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    env.reset(seed=seed)
+    reset_s = time.time() - t0
+    t0, c0 = time.time(), time.process_time()
+    for _ in range(steps):
+        env.step(rng.uniform(-1, 1, 7))
+    steps_per_s, steps_per_cpu_s = steps / (time.time() - t0), steps / (time.process_time() - c0)
+    t0 = time.time()
+    env.reset(seed=seed + 1)
+    done, n = False, 0
+    while not done:
+        _, _, term, trunc, _ = env.step(rng.uniform(-1, 1, 7))
+        done, n = term or trunc, n + 1
+    episode_s = time.time() - t0
+    env.close()
+    return dict(task=task, steps_per_s=round(steps_per_s, 1), steps_per_cpu_s=round(steps_per_cpu_s, 1), reset_s=round(reset_s, 3),
+                episode_steps=n, episode_s=round(episode_s, 2))
+
+
+# ================================================================================================
 # suite: one training run per (task, seed, method), as separate processes or SLURM jobs
 # ================================================================================================
 def run_dir_of(out_dir, task, method, seed):
@@ -363,6 +390,9 @@ def main(argv=None):
     s.add_argument("--seconds", type=float, default=10.0, help="time per throughput measurement")
     s.add_argument("--latency-calls", type=int, default=50, help="single-observation action calls per repeat")
     s.add_argument("--out-dir", default="bench")
+    e = sub.add_parser("envs", help="robomimic env steps/s, reset time and one capped episode, per task")
+    e.add_argument("--tasks", nargs="+", default=["lift", "can", "square"], choices=["lift", "can", "square"])
+    e.add_argument("--steps", type=int, default=1000)
     u = sub.add_parser("suite", help="training runs per (task, seed, method), then a table and curves")
     u.add_argument("--tasks", nargs="+", default=["cube-double-task1"])
     u.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -388,6 +418,8 @@ def main(argv=None):
                 mvp.resolve_env_name(task)
             except ValueError as e:
                 p.error(str(e))
+    if opts.command == "envs":
+        return [print(json.dumps(benchmark_env(t, opts.steps)), flush=True) for t in opts.tasks]
     return speed(opts) if opts.command == "speed" else suite(opts)
 
 

@@ -4,15 +4,21 @@ Run: python -m pytest -q test_mvp.py   (CPU; a few minutes on 2 cores)
 """
 import csv
 import json
+import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import mvp
+import run_benchmarks
+import toy_2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = "cube-double-play-singletask-task1-v0"
@@ -509,7 +515,6 @@ def test_flow_loss_is_the_ivc_term_and_learner_picks_loss_and_sampler():
 # ---------------------------------------------------------------------------------------------
 # run_benchmarks.py: aggregation, dry run, a tiny real suite through submitit, a tiny speed run
 # ---------------------------------------------------------------------------------------------
-import run_benchmarks  # noqa: E402
 
 
 def _fake_run(root, task, method, seed, rows, offline_steps=100):
@@ -581,3 +586,526 @@ def test_speed_writes_table_with_ratios(tmp_path):
     assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
     md = (tmp_path / "speed.md").read_text()
     assert "| flow1 |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs survive interruption and bad files
+# ---------------------------------------------------------------------------------------------
+
+RESUMABLE = [*TINY, "--offline-steps", "200", "--online-steps", "900", "--start-training", "20",
+             "--eval-interval", "300", "--save-interval", "100", "--log-interval", "20", "--threads", "1"]
+LOSS_COLUMNS = ("step", "critic_loss", "mf_loss", "ivc_loss", "q_mean", "target_mean", "bon_gain")
+
+
+def _start(argv, log_path):
+    """A training process whose output goes to a file (a pipe nobody reads would fill up and block it)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mvp.py"), *argv], cwd=HERE, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.log_path = log_path
+    return proc
+
+
+def _wait_for(predicate, proc, timeout=600):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + open(proc.log_path).read()[-3000:]
+        assert time.time() - start < timeout, open(proc.log_path).read()[-3000:]
+        time.sleep(0.02)
+
+
+def _losses(run):
+    return {name: [tuple(r[c] for c in LOSS_COLUMNS) for r in read_csv(run / name)] for name in ("offline.csv", "online.csv")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    run_cli(*RESUMABLE, "--dataset-dir", data_dir, "--run-dir", str(run))
+    return run
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    # kill once in the offline phase, once in the online phase (its checkpoint comes at an episode end)
+    for wanted in ("resume-0000000100.pt", "resume-0000000700.pt"):
+        argv = (["--resume", str(run)] if ckpts.exists() else [*RESUMABLE, "--dataset-dir", data_dir, "--run-dir", str(run)])
+        proc = _start(argv, tmp_path / f"{wanted}.log")
+        _wait_for(lambda: (ckpts / wanted).exists(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    proc = run_cli("--resume", str(run))
+    assert "resuming from" in proc.stdout
+    whole, resumed = _losses(uninterrupted), _losses(run)
+    assert resumed == whole  # same losses, no duplicate or missing rows
+    assert [int(r[0]) for r in resumed["online.csv"]] == list(range(40, 901, 20))
+    strip = lambda rows: [(r["phase"], r["step"], r["success_rate"], r["return_mean"]) for r in rows]
+    assert strip(read_csv(run / "eval.csv")) == strip(read_csv(uninterrupted / "eval.csv"))
+    assert json.loads((run / "summary.json").read_text())["evals"] == json.loads((uninterrupted / "summary.json").read_text())["evals"]
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(data_dir, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    proc = _start([*RESUMABLE, "--dataset-dir", data_dir, "--run-dir", str(run)], tmp_path / "log")
+    _wait_for(lambda: (run / "offline.csv").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=600)
+    out = open(proc.log_path).read()
+    assert proc.returncode == 130, out[-3000:]
+    assert f"Resume with: python mvp.py --resume {run}" in out and "Traceback" not in out
+    assert list((run / "checkpoints").glob("resume-*.pt"))
+    run_cli("--resume", str(run))
+    assert _losses(run) == _losses(uninterrupted)  # an interruption in the offline phase resumes exactly
+
+
+def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, capsys):
+    import shutil as sh
+    run = tmp_path / "run"
+    sh.copytree(uninterrupted, run)
+    paths = sorted((run / "checkpoints").glob("resume-*.pt"))
+    assert len(paths) == 2  # only the newest two are kept
+    paths[1].write_bytes(paths[1].read_bytes()[:5000])  # truncated by a crash
+    path, state = mvp.load_resume_checkpoint(str(run))
+    assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out
+    torch.save({"format": 1, "payload": QuadraticCritic(torch.zeros(1))}, paths[1])  # an arbitrary pickled object
+    path, _ = mvp.load_resume_checkpoint(str(run))
+    assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out  # weights_only refused it
+    for p in paths:
+        p.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="every checkpoint"):
+        mvp.load_resume_checkpoint(str(run))
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(uninterrupted, tmp_path):
+    proc = run_cli("--resume", str(uninterrupted), "--env", "cube-double-task2", check=False)
+    assert proc.returncode == 1 and "trained with --env cube-double-play-singletask-task1-v0" in proc.stderr
+    proc = run_cli("--resume", str(uninterrupted), "--ivc-coef", "0.5", check=False)
+    assert proc.returncode == 1 and "--ivc-coef 1.0, not 0.5" in proc.stderr
+    proc = run_cli("--resume", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_run_dir_and_full_disk_are_reported_before_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_cli(*TINY, "--run-dir", str(blocker / "run"), "--offline-steps", "5", check=False)
+    assert proc.returncode == 1 and "cannot write to the run directory" in proc.stderr and "Traceback" not in proc.stderr
+    learner = mvp.make_learner(37, 25, mvp.Args(), torch.device("cpu"))
+    monkeypatch.setattr(mvp.shutil, "disk_usage", lambda p: type("U", (), dict(free=10**6))())
+    with pytest.raises(SystemExit, match="GB free, but this run's checkpoints need about"):
+        mvp.check_disk_space(str(tmp_path), learner, 1_000_000, 37, 5)
+
+
+def test_dataset_with_pickled_objects_is_refused(data_dir, tmp_path):
+    _copy_dataset(data_dir, tmp_path, lambda arrays: arrays.update(actions=np.array([object()] * 3, dtype=object)))
+    with pytest.raises(mvp.DatasetError, match="cube-double-play-v0.npz"):
+        mvp.load_ogbench(ENV, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# toy_2d.py: the distance and the ground-truth flow on known answers, the samplers, a --quick run
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+def test_sliced_wasserstein_is_zero_on_itself_and_exact_for_a_shift():
+    """SW_2(x, x) = 0; SW_2(x, x + d) = |d| / sqrt(2), since every projection shifts by theta . d and
+    the mean of cos^2 over evenly spaced directions is 1/2."""
+    x = torch.randn(5000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    assert toy_2d.sliced_wasserstein(x, x).item() == 0.0
+    assert math.isclose(toy_2d.sliced_wasserstein(x, x + d).item(), 5 / math.sqrt(2), rel_tol=1e-9)
+
+
+def test_sliced_wasserstein_between_independent_samples_is_close_to_the_true_value():
+    """N(0, I) against N(d, I): every 1-D projection is a mean shift, so SW_2 = |d| / sqrt(2); two
+    independent sets of the same law come out near 0 (sampling noise only)."""
+    gen = torch.Generator().manual_seed(1)
+    x, y, z = (torch.randn(20000, 2, generator=gen) for _ in range(3))
+    d = torch.tensor([1.0, 1.0])
+    assert toy_2d.sliced_wasserstein(x, y).item() < 0.05
+    assert abs(toy_2d.sliced_wasserstein(x, z + d).item() - 1.0) < 0.05  # |d| / sqrt(2) = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth: v* in closed form, u* by RK4
+# ---------------------------------------------------------------------------------------------
+def single_gaussian(mean, std):
+    return toy_2d.MixtureTarget("one", torch.tensor([mean], dtype=torch.float64),
+                                torch.ones(1, dtype=torch.float64), torch.tensor([std], dtype=torch.float64))
+
+
+def points(n, seed, lo=0.0, hi=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    t = lo + (hi - lo) * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    return gen, t
+
+
+def test_true_mean_velocity_matches_the_closed_form_flow_of_a_single_gaussian():
+    """For one Gaussian N(m, s^2 I) the flow is linear: X_r = r m + sigma(r) / sigma(t) (x - t m),
+    sigma(t)^2 = (1 - t)^2 + t^2 s^2. The RK4 u* must match (X_r - x) / (r - t), and v* at r = t."""
+    m, s = [2.0, -1.0], 0.3
+    target = single_gaussian(m, s)
+    mean = target.means[0]
+    sigma = lambda t: torch.sqrt((1 - t) ** 2 + t ** 2 * s ** 2)
+    gen, t = points(512, 0, 0.0, 0.9)
+    r = t + (1 - t) * torch.rand(512, 1, generator=gen, dtype=torch.float64)  # t < r <= 1
+    x = 3 * torch.randn(512, 2, generator=gen, dtype=torch.float64)
+    state = torch.zeros(512, 1, dtype=torch.float64)
+    x_r = r * mean + sigma(r) / sigma(t) * (x - t * mean)
+    u_closed = (x_r - x) / (r - t)
+    u_rk4 = toy_2d.true_mean_velocity(target, state, x, t, r, ode_steps=100)
+    assert torch.allclose(u_rk4, u_closed, atol=1e-8), (u_rk4 - u_closed).abs().max()
+    v_closed = mean + (-(1 - t) + t * s ** 2) / sigma(t) ** 2 * (x - t * mean)
+    assert torch.allclose(toy_2d.true_mean_velocity(target, state, x, t, t, ode_steps=100), v_closed, atol=1e-12)
+
+
+def test_true_flow_of_a_mixture_carries_noise_onto_the_target():
+    """Integrating v* from t = 0 to 1 must turn N(0, I) into the mixture: the SW_2 of the transported
+    noise to target samples is at the level of two target sample sets, and far below noise's."""
+    target = toy_2d.ring8().double()
+    gen = torch.Generator().manual_seed(0)
+    n, state = 4096, torch.zeros(4096, 1, dtype=torch.float64)
+    eps = torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    x1 = toy_2d.flow_map(target, state, eps, torch.zeros(n, 1, dtype=torch.float64),
+                         torch.ones(n, 1, dtype=torch.float64), ode_steps=100)
+    ref, ref2 = target.sample(state, gen), target.sample(state, gen)
+    floor = toy_2d.sliced_wasserstein(ref, ref2).item()
+    assert toy_2d.sliced_wasserstein(x1, ref).item() < 2 * floor + 0.05
+    assert toy_2d.sliced_wasserstein(eps, ref).item() > 1.0
+
+
+def test_conditional_target_rotates_with_the_state():
+    target = toy_2d.rotating3()
+    s = torch.tensor([[0.0], [1.0]])
+    m = target.means_at(s)  # (2, K, 2)
+    angle = math.pi / 3
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    assert torch.allclose(m[0], target.means, atol=1e-6)
+    assert torch.allclose(m[1], target.means @ rot.T, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers against mvp.py
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_samplers_are_mvps_without_the_clip():
+    """one_step_unclipped and euler are mvp.one_step and mvp.euler_sample without the clip to [-1, 1];
+    1-step Euler is eps + u(eps, 0, 0)."""
+    torch.manual_seed(0)
+    net = mvp.MeanVelocityNet(obs_dim=1, act_dim=2, hidden_dim=16, num_layers=2)
+    obs, eps = torch.rand(64, 1), torch.randn(64, 2)
+    assert torch.equal(toy_2d.one_step_unclipped(net, obs, eps).clamp(-1, 1), mvp.one_step(net, obs, eps))
+    assert torch.equal(toy_2d.euler(net, obs, eps, 10).clamp(-1, 1), mvp.euler_sample(net, obs, eps, 10))
+    zeros = torch.zeros(64, 1)
+    assert torch.allclose(toy_2d.euler(net, obs, eps, 1), eps + net(obs, eps, zeros, zeros))
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+def test_quick_run_writes_figure_json_and_table(tmp_path, capsys):
+    toy_2d.main(["--quick", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
+    report = json.loads((tmp_path / "toy_2d.json").read_text())
+    assert report["config"]["quick"] and report["gaps"] == list(toy_2d.GAPS)
+    samplers = set(toy_2d.SAMPLE_LABELS)
+    for name in ("ring8", "checkerboard", "rotating3"):
+        res = report["results"][name]
+        assert set(res["sw"]) == samplers
+        assert all(len(v) == report["config"]["seeds"] and all(math.isfinite(x) and x > 0 for x in v)
+                   for v in res["sw"].values())
+        assert set(res["u_err"]) == {"mf", "mvp", "meanflow", "fm"}  # one curve per trained network
+        assert all(len(e) == len(toy_2d.GAPS) for v in res["u_err"].values() for e in v)
+        assert res["true_v_as_proxy"]["0.0"] == 0.0  # at r = t the mean velocity is v* itself
+    table = capsys.readouterr().out
+    assert table.count("\n| ") >= 3 * 6 and "MVP, 1 step" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Robomimic: the HDF5 loader, the env rebuilt from the file's metadata, scripted demos, errors.
+# No download: files are recorded here by the scripted demonstrators in the real robosuite env,
+# or written by hand with h5py.
+# ---------------------------------------------------------------------------------------------
+
+NUM_DEMOS = 3
+LIFT_OBS_DIM = 3 + 4 + 2 + 10  # eef pos, eef quat, gripper qpos, object-state (cube pos, quat, gripper-to-cube)
+
+
+@pytest.fixture(scope="session")
+def lift_file(tmp_path_factory):
+    """A small scripted Lift file, recorded once for the whole session."""
+    path = str(tmp_path_factory.mktemp("robomimic") / "lift_scripted.hdf5")
+    mvp.generate_scripted_lift(path, NUM_DEMOS, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lift_loaded(lift_file):
+    return mvp.load_robomimic("lift", dataset_dir=lift_file)
+
+
+def write_synthetic(path, env_name="Lift", demos=None, scripted=None, env_version="1.4.1"):
+    """A hand-made robomimic-layout file: demos maps name -> (length, rewards)."""
+    import h5py
+    demos = demos or {"demo_0": (4, [0, 0, 1, 1]), "demo_2": (3, [0, 0, 1]), "demo_10": (2, [0, 1])}
+    dims = dict(robot0_eef_pos=3, robot0_eef_quat=4, robot0_gripper_qpos=2, object=10)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        for name, (n, rew) in demos.items():
+            g = data.create_group(name)
+            idx = int(name[5:])
+            for part, off in (("obs", 0), ("next_obs", 1)):
+                sub = g.create_group(part)
+                for k, d in dims.items():  # value encodes demo index and step, to check order and continuity
+                    sub.create_dataset(k, data=np.full((n, d), 0.0) + 100 * idx + np.arange(off, n + off)[:, None])
+            g.create_dataset("actions", data=np.zeros((n, 7)))
+            g.create_dataset("rewards", data=np.asarray(rew, np.float64))
+            dones = np.asarray(rew, np.int64)
+            dones[-1] = 1  # robomimic's done_mode 2: success steps and the last step
+            g.create_dataset("dones", data=dones)
+            g.attrs["num_samples"] = n
+        data.attrs["total"] = sum(n for n, _ in demos.values())
+        data.attrs["env_args"] = json.dumps(dict(env_name=env_name, env_version=env_version, type=1, env_kwargs={}))
+        if scripted:
+            data.attrs["mvp_scripted"] = json.dumps(scripted)
+
+
+# ---- loader --------------------------------------------------------------------------------------
+def test_loader_on_generated_file(lift_loaded, lift_file):
+    ds, make_env = lift_loaded
+    n = len(ds["observations"])
+    assert set(ds) == {"observations", "actions", "rewards", "masks", "terminals", "next_observations"}
+    assert all(v.dtype == np.float32 for v in ds.values())
+    assert ds["observations"].shape == ds["next_observations"].shape == (n, LIFT_OBS_DIM)
+    assert ds["actions"].shape == (n, 7) and np.abs(ds["actions"]).max() <= 1.0
+    assert ds["rewards"].shape == ds["masks"].shape == ds["terminals"].shape == (n,)
+    assert set(np.unique(ds["rewards"])) <= {-1.0, 0.0}
+    # scripted demos stop at the first success: one 0 reward per demo, on its last row
+    ends = np.flatnonzero(ds["terminals"])
+    assert len(ends) == NUM_DEMOS and ends[-1] == n - 1
+    np.testing.assert_array_equal(np.flatnonzero(ds["rewards"] == 0.0), ends)
+    np.testing.assert_array_equal(ds["masks"], (ds["rewards"] != 0.0).astype(np.float32))
+    # within a demo s'_t = s_{t+1}; across a demo end it is not
+    inner = np.flatnonzero(ds["terminals"][:-1] == 0)
+    np.testing.assert_array_equal(ds["next_observations"][inner], ds["observations"][inner + 1])
+    assert not np.allclose(ds["next_observations"][ends[0]], ds["observations"][ends[0] + 1])
+    assert make_env.dataset_path == lift_file and make_env.scripted["task"] == "lift"
+    import h5py
+    with h5py.File(lift_file, "r") as f:  # robomimic's layout and the scripted marker
+        data = f["data"]
+        assert data.attrs["total"] == n and json.loads(data.attrs["env_args"])["env_name"] == "Lift"
+        assert json.loads(data.attrs["mvp_scripted"])["success_rate"] > 0
+        assert sum(int(data[d].attrs["num_samples"]) for d in data) == n
+        assert data["demo_0/dones"][-1] == 1 and data["demo_0/rewards"][-1] == 1
+
+
+def test_loader_semantics_on_handmade_file(tmp_path):
+    path = str(tmp_path / "lift.hdf5")
+    write_synthetic(path)
+    ds, _ = mvp.load_robomimic("lift", dataset_dir=path)
+    # numeric demo order (demo_0, demo_2, demo_10), rows concatenated
+    np.testing.assert_array_equal(ds["observations"][:, 0], [0, 1, 2, 3, 200, 201, 202, 1000, 1001])
+    np.testing.assert_array_equal(ds["rewards"], [-1, -1, 0, 0, -1, -1, 0, -1, 0])
+    np.testing.assert_array_equal(ds["masks"], [1, 1, 0, 0, 1, 1, 0, 1, 0])  # 0 at every success step
+    np.testing.assert_array_equal(ds["terminals"], [0, 0, 0, 1, 0, 0, 1, 0, 1])  # demo ends only
+    ds2, _ = mvp.load_robomimic("lift", dataset_dir=path, num_demos=2)
+    assert len(ds2["observations"]) == 7
+
+
+def test_chunks_never_cross_demo_ends(lift_loaded):
+    """mvp's sequence sampler rule (valid until the first terminal) keeps every chunk inside one demo."""
+    ds, _ = lift_loaded
+    term = ds["terminals"]
+    demo_id = np.concatenate([[0], np.cumsum(term)[:-1]])
+    h = 5
+    for start in range(len(term) - h + 1):
+        t = term[start:start + h]
+        ended = np.maximum.accumulate(t)
+        valid = np.concatenate([[1.0], 1.0 - ended[:-1]])
+        rows = start + np.flatnonzero(valid)
+        assert len(set(demo_id[rows])) == 1
+
+
+# ---- environment from the file's metadata ----------------------------------------------------------
+def test_env_from_metadata_replays_a_demo(lift_loaded, lift_file):
+    """The env rebuilt from env_args, reset with demo 0's seed, reproduces demo 0 and reports success."""
+    ds, make_env = lift_loaded
+    env = make_env()
+    assert env.env_name == "Lift" and env.max_episode_steps == 300
+    assert env.observation_space.shape == (LIFT_OBS_DIM,) and env.action_space.shape == (7,)
+    env_seed = int(np.random.SeedSequence([0, 0]).generate_state(2)[0])  # the generator's seed for attempt 0
+    obs, info = env.reset(seed=env_seed)
+    assert obs.dtype == np.float32 and info["success"] is False
+    np.testing.assert_allclose(obs, ds["observations"][0], atol=1e-5)
+    end = int(np.flatnonzero(ds["terminals"])[0])
+    for t in range(end + 1):
+        obs, reward, terminated, truncated, info = env.step(ds["actions"][t])
+        assert isinstance(info["success"], bool) and not truncated
+        assert reward == (0.0 if terminated else -1.0) and terminated == info["success"]
+        if terminated:
+            break
+    assert terminated and t == end
+    np.testing.assert_allclose(obs, ds["next_observations"][end], atol=1e-4)
+    env.close()
+
+
+def test_env_scripted_rollout_succeeds_and_seeding(lift_loaded):
+    _, make_env = lift_loaded
+    env = make_env()
+    state = np.random.get_state()
+    a, _ = env.reset(seed=123)
+    b, _ = env.reset(seed=123)
+    c, _ = env.reset(seed=124)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert all(np.array_equal(x, y) for x, y in zip(state[1:3], np.random.get_state()[1:3]))  # global RNG untouched
+    policy = mvp.ScriptedLift(np.random.default_rng(0))
+    env.reset(seed=7)
+    rewards = []
+    for _ in range(env.max_episode_steps):
+        _, r, terminated, truncated, info = env.step(policy(env.raw_obs))
+        rewards.append(r)
+        if terminated or truncated:
+            break
+    assert terminated and info["success"] and rewards[-1] == 0.0 and set(rewards[:-1]) == {-1.0}
+    env.close()
+
+
+def test_env_truncates_at_cap(lift_loaded):
+    _, make_env = lift_loaded
+    env = make_env()
+    env.max_episode_steps = 4  # the cap logic, without running 300 steps
+    env.reset(seed=0)
+    outs = [env.step(np.zeros(7)) for _ in range(4)]
+    assert [o[3] for o in outs] == [False, False, False, True] and not any(o[2] for o in outs)
+    assert outs[-1][4]["success"] is False
+    env.close()
+
+
+# ---- generation ------------------------------------------------------------------------------------
+def test_generation_is_deterministic_and_reused(lift_file, tmp_path):
+    import h5py
+    other = str(tmp_path / "again.hdf5")
+    mvp.generate_scripted_lift(other, NUM_DEMOS, seed=0)
+    with h5py.File(lift_file, "r") as f, h5py.File(other, "r") as g:
+        for d in f["data"]:
+            np.testing.assert_array_equal(f["data"][d]["actions"][()], g["data"][d]["actions"][()])
+            np.testing.assert_array_equal(f["data"][d]["obs/object"][()], g["data"][d]["obs/object"][()])
+    mtime = os.path.getmtime(other)
+    mvp.generate_scripted_lift(other, NUM_DEMOS, seed=0)  # same settings: reused, not rewritten
+    assert os.path.getmtime(other) == mtime
+    assert not os.path.exists(other + ".tmp")
+
+
+def test_generation_never_overwrites_a_human_file(tmp_path):
+    path = str(tmp_path / "human.hdf5")
+    write_synthetic(path)
+    with pytest.raises(mvp.DatasetError, match="not generated by this project"):
+        mvp.generate_scripted_lift(path, 1, seed=0)
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+def test_missing_file_names_url_and_path(tmp_path, monkeypatch):
+    def offline(url, path, timeout=30.0):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(mvp, "download", offline)
+    with pytest.raises(mvp.DatasetError) as e:
+        mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
+    msg = str(e.value)
+    assert mvp.dataset_url("lift") in msg and str(tmp_path / "lift/mh/low_dim_v141.hdf5") in msg
+    assert "--generate-data" in msg
+    assert mvp.dataset_url("square") == "http://downloads.cs.stanford.edu/downloads/rt_benchmark/square/mh/low_dim_v141.hdf5"
+
+
+def test_corrupt_file_says_delete_and_regenerate(tmp_path):
+    path = tmp_path / "lift/mh/low_dim_v141.hdf5"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not an HDF5 file" * 10)
+    with pytest.raises(mvp.DatasetError) as e:
+        mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
+    msg = str(e.value)
+    assert str(path) in msg and "--generate-data" in msg and "re-download" in msg
+
+
+def test_file_of_another_task_is_named(tmp_path, lift_file):
+    path = tmp_path / "can/mh/low_dim_v141.hdf5"
+    path.parent.mkdir(parents=True)
+    shutil.copy(lift_file, path)
+    with pytest.raises(mvp.DatasetError) as e:
+        mvp.load_robomimic("can", dataset_dir=str(tmp_path))
+    msg = str(e.value)
+    assert str(path) in msg and "'Lift'" in msg and "task 'lift'" in msg and "PickPlaceCan" in msg
+
+
+def test_import_does_not_load_robosuite():
+    code = "import sys, mvp; assert 'robosuite' not in sys.modules and 'h5py' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+
+
+def test_task_table():
+    assert {t: s["max_episode_steps"] for t, s in mvp.ROBOMIMIC_TASKS.items()} == dict(lift=300, can=300, square=400)
+    assert mvp.ROBOMIMIC_TASKS["square"]["env_name"] == "NutAssemblySquare"
+
+
+def test_can_scripted_file_and_env(tmp_path):
+    """Can is scripted too: one demo, loaded, and replayed to success in the env rebuilt from its metadata."""
+    path = str(tmp_path / "can.hdf5")
+    mvp.generate_scripted("can", path, 1, seed=0)
+    ds, make_env = mvp.load_robomimic("can", dataset_dir=path)
+    assert ds["observations"].shape[1] == 3 + 4 + 2 + 14 and ds["terminals"][-1] == 1
+    env = make_env()
+    assert env.env_name == "PickPlaceCan" and env.max_episode_steps == 300
+    obs, _ = env.reset(seed=int(np.random.SeedSequence([0, 0]).generate_state(2)[0]))
+    np.testing.assert_allclose(obs, ds["observations"][0], atol=1e-5)
+    for a in ds["actions"]:
+        _, reward, terminated, truncated, info = env.step(a)
+        if terminated or truncated:
+            break
+    assert terminated and info["success"] and reward == 0.0
+    env.close()
+
+
+def test_square_has_no_demonstrator(tmp_path, monkeypatch):
+    monkeypatch.setattr(mvp, "download", lambda url, path, timeout=30.0: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(mvp.DatasetError, match="no scripted demonstrator for square"):
+        mvp.load_robomimic("square", dataset_dir=str(tmp_path))
+    with pytest.raises(mvp.DatasetError, match="no scripted demonstrator"):
+        mvp.load_robomimic("square", dataset_dir=str(tmp_path), generate=True, num_demos=1)
+
+
+def test_download_is_atomic_and_checks_the_format(tmp_path, lift_file):
+    """download() through a file:// URL: an HDF5 file arrives whole; anything else leaves nothing behind."""
+    import pathlib
+    dest = tmp_path / "root/lift/mh/low_dim_v141.hdf5"
+    mvp.download(pathlib.Path(lift_file).as_uri(), str(dest))
+    assert dest.read_bytes() == pathlib.Path(lift_file).read_bytes()
+    page = tmp_path / "error.html"
+    page.write_text("<html>404</html>")
+    bad = tmp_path / "other/lift/mh/low_dim_v141.hdf5"
+    with pytest.raises(OSError, match="did not return an HDF5 file"):
+        mvp.download(page.as_uri(), str(bad))
+    assert not (tmp_path / "other").exists()
+
+
+def test_file_of_another_robosuite_version_is_refused(tmp_path):
+    path = str(tmp_path / "lift_v15.hdf5")
+    write_synthetic(path, env_version="1.5.1")
+    with pytest.raises(mvp.DatasetError, match="recorded with robosuite 1.5.1.*low_dim_v141"):
+        mvp.load_robomimic("lift", dataset_dir=path)
+
+
+def test_end_to_end_lift_on_scripted_demos(tmp_path):
+    """The same CLI and loops as OGBench: record 3 scripted demos, offline + online + eval, then --eval-only."""
+    run = tmp_path / "run"
+    proc = run_cli("--env", "lift", "--generate-data", "--dataset-episodes", "3", "--dataset-dir", str(tmp_path / "data"),
+                   "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "32", "--num-candidates", "4",
+                   "--offline-steps", "60", "--online-steps", "80", "--start-training", "20", "--eval-interval", "0",
+                   "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1")
+    assert "SCRIPTED demos" in proc.stderr
+    evals = read_csv(run / "eval.csv")
+    assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
+    assert [int(r["step"]) for r in read_csv(run / "online.csv")] == [40, 60, 80]
+    out = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
