@@ -9,7 +9,11 @@ of N one-step candidates, offline on a dataset and then online.
 
 Commands:
     python mvp.py --env cube-double                         # paper protocol (1M offline + 1M online)
-    python mvp.py --env cube-double-task1 --offline-steps 20000 --online-steps 0 --hidden-dim 256
+    python mvp.py --env cube-double-task1 --hidden-dim 256 --num-layers 2 --offline-steps 20000 \
+        --online-steps 0 --eval-interval 5000 --threads 1   # a short CPU run
+    python mvp.py --env lift --generate-data                # robomimic Lift on scripted demos (no download)
+    python mvp.py --env cube-double --policy flow --flow-steps 10   # Q-chunking's flow baseline
+    python mvp.py --resume runs/<run>                       # continue an interrupted run
     python mvp.py --eval-only --checkpoint runs/<run>/checkpoint.pt
     python -m pytest -q test_mvp.py
 
