@@ -232,7 +232,9 @@ class CriticEnsemble(nn.Module):
         x = torch.cat([obs, a], dim=-1).unsqueeze(0).expand(self.num_members, -1, -1)  # (K, B, in)
         for layer, scale, shift in zip(self.layers, self.norm_scale, self.norm_shift):
             x = F.gelu(layer(x))  # Dense -> GELU -> LayerNorm, as Flow Q-Learning's MLP
-            x = F.layer_norm(x, x.shape[-1:]) * scale + shift  # per-member affine (K, 1, hidden)
+            # per-member affine (K, 1, hidden), fused into one kernel: separate mul and add cost the
+            # critic about a fifth of its forward time on the 8192 best-of-N rows (CPU profile)
+            x = torch.addcmul(shift, F.layer_norm(x, x.shape[-1:]), scale)
         return self.head(x).squeeze(-1)  # (K, B)
 
 
