@@ -886,17 +886,6 @@ def _fix(path, task):
     return f"Delete it and {redownload}."
 
 
-def read_env_args(path: str, task: str = None) -> dict:
-    """data.attrs['env_args'] of a robomimic file, as a dict; DatasetError naming the file if unreadable."""
-    h5py = _import_h5py()
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f["data"].attrs["env_args"])
-    except Exception as e:
-        raise DatasetError(f"cannot read env_args of {path} ({type(e).__name__}: {e}). "
-                           + _fix(path, task or "<task>")) from None
-
-
 def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
     """Read a robomimic low-dim file into the flat arrays the training loop uses.
 
@@ -1060,7 +1049,45 @@ def load_robomimic(task: str, dataset_dir: str = None, generate: bool = False, n
 
 
 # ---- scripted demonstrator -------------------------------------------------------------------------
-class ScriptedLift:
+class ScriptedPick:
+    """A phase machine for scripted demos with OSC_POSE delta actions: reach above an object, descend,
+    close the gripper; subclasses add what follows the grasp. Each call returns one 7-D action: a
+    proportional move of the end effector towards the phase's target, Gaussian noise on the
+    translation (noise_std widens the state coverage of the data), and the gripper command."""
+
+    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0):
+        self.rng, self.noise_std, self.gain = rng, noise_std, gain
+        self.phase, self.t_phase = "reach", 0
+
+    def _next(self, phase):
+        self.phase, self.t_phase = phase, 0
+
+    def _pick(self, eef, obj, hover: float, depth: float):
+        """(target, grip) of the reach / descend / grasp phases; phases fall through within one call."""
+        target, grip = None, -1.0
+        if self.phase == "reach":
+            target = obj + np.array([0.0, 0.0, hover])
+            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
+                self._next("descend")
+        if self.phase == "descend":
+            target = obj + np.array([0.0, 0.0, depth])
+            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
+                self._next("grasp")
+        if self.phase == "grasp":
+            target, grip = obj + np.array([0.0, 0.0, depth]), 1.0
+            if self.t_phase >= 12:
+                self._next("lift")
+        return target, grip
+
+    def _act(self, eef, target, grip: float) -> np.ndarray:
+        self.t_phase += 1
+        action = np.zeros(7)
+        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
+        action[6] = grip
+        return np.clip(action, -1.0, 1.0)
+
+
+class ScriptedLift(ScriptedPick):
     """Reach above the cube, descend, close the gripper, lift: a proportional controller on OSC_POSE deltas.
 
     Reads the cube position from robosuite's observation dict (privileged, fine for a demonstrator).
@@ -1068,38 +1095,15 @@ class ScriptedLift:
     The gripper is not turned to the cube's yaw: the cube (about 4 cm) fits the 8 cm opening at any
     yaw and the fingers square it up while closing."""
 
-    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0):
-        self.rng, self.noise_std, self.gain = rng, noise_std, gain
-        self.phase, self.t_phase = "reach", 0
-
     def __call__(self, obs: dict) -> np.ndarray:
         eef, cube = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["cube_pos"])
-        grip = -1.0
-        if self.phase == "reach":
-            target = cube + np.array([0.0, 0.0, 0.06])
-            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
-                self._next("descend")
-        if self.phase == "descend":
-            target = cube + np.array([0.0, 0.0, -0.005])
-            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
-                self._next("grasp")
-        if self.phase == "grasp":
-            target, grip = cube + np.array([0.0, 0.0, -0.005]), 1.0
-            if self.t_phase >= 12:
-                self._next("lift")
+        target, grip = self._pick(eef, cube, hover=0.06, depth=-0.005)
         if self.phase == "lift":
             target, grip = np.array([cube[0], cube[1], cube[2] + 0.15]), 1.0
-        self.t_phase += 1
-        action = np.zeros(7)
-        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
-        action[6] = grip
-        return np.clip(action, -1.0, 1.0)
-
-    def _next(self, phase):
-        self.phase, self.t_phase = phase, 0
+        return self._act(eef, target, grip)
 
 
-class ScriptedCan:
+class ScriptedCan(ScriptedPick):
     """Pick the can, carry it high over the bin wall to the can's target compartment, drop it, back off.
 
     robosuite's Can success needs the can inside its compartment of the second bin AND the gripper
@@ -1108,26 +1112,13 @@ class ScriptedCan:
     CARRY_Z, DROP_Z = 1.05, 0.95
 
     def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0, target_xy=(0.1975, 0.4025)):
-        self.rng, self.noise_std, self.gain = rng, noise_std, gain
+        super().__init__(rng, noise_std, gain)
         self.target_xy = np.asarray(target_xy, dtype=np.float64)
-        self.phase, self.t_phase = "reach", 0
 
     def __call__(self, obs: dict) -> np.ndarray:
         eef, can = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["Can_pos"])
         tx, ty = self.target_xy
-        grip = -1.0
-        if self.phase == "reach":
-            target = can + np.array([0.0, 0.0, 0.08])
-            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
-                self._next("descend")
-        if self.phase == "descend":
-            target = can.copy()
-            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
-                self._next("grasp")
-        if self.phase == "grasp":
-            target, grip = can.copy(), 1.0
-            if self.t_phase >= 12:
-                self._next("lift")
+        target, grip = self._pick(eef, can, hover=0.08, depth=0.0)
         if self.phase == "lift":
             target, grip = np.array([eef[0], eef[1], self.CARRY_Z]), 1.0
             if eef[2] > self.CARRY_Z - 0.03 or self.t_phase > 60:
@@ -1140,19 +1131,13 @@ class ScriptedCan:
             target, grip = np.array([tx, ty, self.DROP_Z]), 1.0
             if abs(eef[2] - self.DROP_Z) < 0.02 or self.t_phase > 40:
                 self._next("release")
-        if self.phase == "release":
+        if self.phase == "release":  # grip is left as set above: open, except on the step that enters release
             target = np.array([tx, ty, self.DROP_Z])
             if self.t_phase >= 10:
                 self._next("retreat")
         if self.phase == "retreat":
             target = np.array([tx, ty, self.CARRY_Z + 0.05])
-        self.t_phase += 1
-        action = np.zeros(7)
-        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
-        action[6] = grip
-        return np.clip(action, -1.0, 1.0)
-
-    _next = ScriptedLift._next
+        return self._act(eef, target, grip)
 
 
 SCRIPTED = {"lift": ScriptedLift, "can": ScriptedCan}
@@ -1268,11 +1253,6 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std
     print(f"[robomimic] wrote {num_demos} scripted {task} demos ({total} steps) to {path}; scripted success "
           f"rate {settings['success_rate']:.2f} ({attempts} attempts, {settings['seconds']} s)", file=sys.stderr)
     return path
-
-
-def generate_scripted_lift(path: str, num_demos: int, seed: int, **kw) -> str:
-    """Scripted Lift demos in robomimic's layout (see generate_scripted)."""
-    return generate_scripted("lift", path, num_demos, seed, **kw)
 
 
 # ---- replay buffer on the device -----------------------------------------------------------------
