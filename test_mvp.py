@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_mvp.py   (CPU; a few minutes on 2 cores)
 """
 import csv
+import functools
 import json
 import math
 import os
@@ -187,6 +188,32 @@ def test_best_of_n_picks_argmax_with_shapes_and_clip():
     assert torch.allclose(q, q_ref)
     assert torch.equal(a_star, cand[torch.arange(3), q_ref.argmax(1)])
     assert (q_ref.max(1).values >= q_ref.mean(1)).all()
+
+
+@pytest.mark.parametrize("policy_kind", ["mvp", "flow"])
+def test_best_of_n_in_blocks_selects_the_same_chunks(policy_kind):
+    # blocks of states draw their noise in order from the same generator (each block's draw is a
+    # multiple of 16 numbers, so torch's CPU normal sampler yields the same stream), hence the same
+    # candidates; selection is per state, so blocking must change nothing but speed
+    torch.manual_seed(0)
+    policy = mvp.MeanVelocityNet(obs_dim=6, act_dim=8, hidden_dim=32, num_layers=2)
+    critic = mvp.CriticEnsemble(obs_dim=6, act_dim=8, hidden_dim=32, num_layers=2, num_members=2)
+    sample = mvp.one_step if policy_kind == "mvp" else functools.partial(mvp.euler_sample, steps=3)
+    obs = torch.randn(10, 6)
+    a_all, q_all = mvp.best_of_n(policy, critic, obs, 16, torch.Generator().manual_seed(1), sample, block=0)
+    a_blk, q_blk = mvp.best_of_n(policy, critic, obs, 16, torch.Generator().manual_seed(1), sample, block=4)
+    assert a_blk.shape == (10, 8) and q_blk.shape == (10, 16)  # 10 states in blocks of 4, 4, 2
+    assert torch.allclose(q_blk, q_all, atol=1e-5)
+    assert torch.allclose(a_blk, a_all, atol=1e-6)
+
+
+def test_bon_block_default_is_32_on_cpu_and_flag_is_validated():
+    learner = mvp.make_learner(4, 10, mvp.parse_args(["--hidden-dim", "16", "--num-layers", "1"]), "cpu")
+    assert learner.bon_block == 32
+    learner = mvp.make_learner(4, 10, mvp.parse_args(["--hidden-dim", "16", "--num-layers", "1", "--bon-block", "0"]), "cpu")
+    assert learner.bon_block == 0
+    with pytest.raises(SystemExit):
+        mvp.parse_args(["--bon-block", "-2"])
 
 
 def test_one_step_is_noise_plus_mean_velocity_over_0_1():
