@@ -141,6 +141,33 @@ def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
     return out
 
 
+@torch.no_grad()
+def time_parts(learner, obs, args, device, calls: int) -> tuple[float, float]:
+    """Median ms of one policy network call and one critic-ensemble call on the N candidate rows of
+    one observation: the two pieces an action costs (flow-K makes K policy calls, MVP one)."""
+    N = args.num_candidates
+    obs_rep = torch.as_tensor(obs, dtype=torch.float32, device=device)[None].expand(N, -1)
+    a = torch.zeros(N, learner.policy.act_dim, device=device)
+    t = torch.zeros(N, 1, device=device)
+    def median_ms(fn):
+        fn()
+        out = []
+        for _ in range(calls):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(out)
+    return median_ms(lambda: learner.policy(obs_rep, a, t, t)), median_ms(lambda: learner.critic(obs_rep, a))
+
+
+def latency_ceiling(policy_ms: float, critic_ms: float, steps: int = 10) -> float:
+    """Largest flow-K / one-step latency ratio possible when both score N candidates with the same
+    critic: (K p + c) / (p + c), reached only if nothing else cost time."""
+    return (steps * policy_ms + critic_ms) / (policy_ms + critic_ms)
+
+
 def speed(opts) -> dict:
     device = mvp.pick_device(opts.device, opts.threads)
     env = mvp.make_env(mvp.resolve_env_name("cube-double-task1"))
@@ -149,6 +176,7 @@ def speed(opts) -> dict:
     base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers),
             "--batch-size", str(opts.batch_size), "--num-candidates", str(opts.num_candidates)]
     results = {m: dict(updates_per_s=[], online_steps_per_s=[], latency_ms=[]) for m in opts.methods}
+    parts = dict(policy_call_ms=[], critic_call_ms=[])
     for rep in range(opts.repeats):  # methods interleaved in each repeat, so drifts hit all alike
         for m in opts.methods:
             args = method_args(m, base)
@@ -158,6 +186,10 @@ def speed(opts) -> dict:
             results[m]["updates_per_s"].append(time_updates(learner, buf, args, gen, device, opts.seconds))
             results[m]["online_steps_per_s"].append(time_online(learner, env, buf, args, gen, device, opts.seconds))
             results[m]["latency_ms"] += time_latency(learner, obs0, args, device, gen, opts.latency_calls)
+            if m == opts.methods[0]:  # the networks are the same for every method
+                p_ms, c_ms = time_parts(learner, obs0, args, device, opts.latency_calls)
+                parts["policy_call_ms"].append(p_ms)
+                parts["critic_call_ms"].append(c_ms)
             print(f"[speed] repeat {rep + 1}/{opts.repeats} {m}: {results[m]['updates_per_s'][-1]:.2f} upd/s, "
                   f"{results[m]['online_steps_per_s'][-1]:.2f} env steps/s", flush=True)
     table = {}
@@ -177,6 +209,9 @@ def speed(opts) -> dict:
                            num_candidates=opts.num_candidates, chunk_len=5, repeats=opts.repeats,
                            seconds_per_measure=opts.seconds, latency_calls_per_repeat=opts.latency_calls),
                results=table, raw=results)
+    p_ms, c_ms = statistics.median(parts["policy_call_ms"]), statistics.median(parts["critic_call_ms"])
+    out["latency_parts"] = dict(policy_call_ms=p_ms, critic_call_ms=c_ms,
+                                flow10_latency_ratio_ceiling=latency_ceiling(p_ms, c_ms, 10))
     md = speed_markdown(out)
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "speed.json"), "w") as f:
@@ -200,6 +235,12 @@ def speed_markdown(out: dict) -> str:
                      f"| {r['online_steps_per_s']:.2f} | {r.get('online_ratio_vs_flow10', float('nan')):.2f} "
                      f"| {r['latency_ms_mean']:.2f} / {r['latency_ms_p95']:.2f} "
                      f"| {r.get('latency_speedup_vs_flow10', float('nan')):.2f} |")
+    if "latency_parts" in out:
+        lp = out["latency_parts"]
+        lines += ["", f"Latency parts (median, {c['num_candidates']} candidate rows of one observation): one policy "
+                      f"network call {lp['policy_call_ms']:.2f} ms, one critic-ensemble call {lp['critic_call_ms']:.2f} ms. "
+                      f"Both methods pay the critic call, so flow10 / MVP latency cannot exceed (10 p + c) / (p + c) = "
+                      f"{lp['flow10_latency_ratio_ceiling']:.2f} on this device."]
     return "\n".join(lines) + "\n"
 
 

@@ -613,6 +613,15 @@ def test_speed_writes_table_with_ratios(tmp_path):
     assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
     md = (tmp_path / "speed.md").read_text()
     assert "| flow1 |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]
+    parts = out["latency_parts"]
+    assert parts["policy_call_ms"] > 0 and parts["critic_call_ms"] > 0 and "cannot exceed" in md
+    assert parts["flow10_latency_ratio_ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(
+        parts["policy_call_ms"], parts["critic_call_ms"], 10))
+
+
+def test_latency_ceiling_formula():
+    assert run_benchmarks.latency_ceiling(1.0, 0.0, 10) == 10.0  # a free critic: K policy calls against 1
+    assert run_benchmarks.latency_ceiling(1.0, 2.0, 10) == 4.0  # (10 + 2) / (1 + 2)
 
 
 # ---------------------------------------------------------------------------------------------
