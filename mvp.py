@@ -310,7 +310,8 @@ def policy_loss(policy, obs, a1, valid, ivc_coef: float, chunk_len: int, time_kw
     eps = torch.randn(a1.shape, generator=generator, device=a1.device)
     t, r = sample_times(a1.shape[0], generator=generator, device=a1.device, **time_kw)
     l_mf, u = mean_flow_loss(policy, obs, a1, eps, t, r, valid, chunk_len)
-    l_ivc = ivc_loss(policy, obs, a1, eps, t, valid, chunk_len)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and ivc_coef > 0):  # lambda = 0: logged, no backward pass
+        l_ivc = ivc_loss(policy, obs, a1, eps, t, valid, chunk_len)
     loss = l_mf + ivc_coef * l_ivc  # Eq. L_policy
     return loss, dict(policy_loss=loss, mf_loss=l_mf, ivc_loss=l_ivc, u_norm=u.detach().norm(dim=-1).mean())
 

@@ -118,6 +118,27 @@ def test_boundary_error_passes_the_identity_but_not_ivc():
     assert ivc_wrong > 1.0
 
 
+def test_policy_loss_gradient_is_mf_plus_lambda_ivc_and_lambda_0_still_logs_ivc():
+    torch.manual_seed(0)
+    net = mvp.MeanVelocityNet(obs_dim=3, act_dim=4, hidden_dim=16, num_layers=2)
+    obs, a1, valid = torch.randn(8, 3), torch.rand(8, 4) * 2 - 1, torch.ones(8, 2)
+    time_kw = dict(sampler="uniform", mu=0.0, sigma=1.0, equal_frac=0.0)
+
+    def grads(coef):
+        net.zero_grad()
+        loss, info = mvp.policy_loss(net, obs, a1, valid, coef, 2, time_kw, torch.Generator().manual_seed(1))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()]), info
+
+    g0, info0 = grads(0.0)
+    g1, info1 = grads(1.0)
+    g2, _ = grads(2.0)
+    assert info0["ivc_loss"] > 0 and torch.allclose(info0["ivc_loss"], info1["ivc_loss"])  # logged at lambda = 0
+    assert torch.allclose(info0["policy_loss"], info0["mf_loss"])
+    assert torch.allclose(g2 - g1, g1 - g0, atol=1e-6)  # the gradient is linear in lambda
+    assert (g1 - g0).abs().max() > 1e-4  # and IVC contributes at lambda > 0
+
+
 def test_mean_flow_loss_trains_a_network_toward_the_true_mean_velocity():
     """A few hundred steps of L_MF + L_IVC on the Gaussian case reduce the error to u* clearly."""
     torch.manual_seed(0)
