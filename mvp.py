@@ -350,10 +350,14 @@ def euler_sample(policy, obs, eps, steps: int):
 def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=one_step, block: int = 0):
     """Generate N candidates per state with `sample` (MVP: one_step) and keep a* = argmax_i mean_k Q_k(s, a_i).
 
-    obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging. block > 0 does
-    `block` states at a time: the same selection with smaller activations (see scored_in_blocks)."""
+    obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging. block > 0 scores
+    `block` states at a time; selection is per state, so the result is the same. On CPU this is
+    faster: over all 256 x 32 rows each (K, rows, 512) critic activation is 32 MiB, which the allocator
+    returns to the OS and page-faults back in on every op; blocks of 32 states stay in cache (the
+    critic target ran 1.6x faster for MVP, 1.25x for flow-10, run_benchmarks.py speed)."""
     if 0 < block < obs.shape[0]:
-        return scored_in_blocks(policy, critic, obs, num_candidates, generator, sample, block)
+        parts = [best_of_n(policy, critic, o, num_candidates, generator, sample) for o in obs.split(block)]
+        return torch.cat([a for a, _ in parts]), torch.cat([q for _, q in parts])
     B, N, A = obs.shape[0], num_candidates, policy.act_dim
     obs_rep = obs.repeat_interleave(N, dim=0)  # (B * N, obs_dim), row b * N + i is candidate i of state b
     eps = torch.randn(B * N, A, generator=generator, device=obs.device)
@@ -361,18 +365,6 @@ def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=o
     q = critic(obs_rep, cand).mean(dim=0).view(B, N)  # mean over K members [QC], then (B, N)
     best = q.argmax(dim=1)  # (B,)
     return cand.view(B, N, A)[torch.arange(B, device=obs.device), best], q
-
-
-def scored_in_blocks(policy, critic, obs, num_candidates: int, generator, sample, block: int):
-    """best_of_n over `block` states at a time. Selection is per state, so the result is the same.
-
-    Why: the critic target scores B * N = 8192 rows, and at paper width each of the critic's
-    (K, 8192, 512) activations is 32 MiB, which on CPU is re-allocated from the OS (page faults) and
-    streamed through memory at every elementwise op. Blocks of 32 states keep them in cache: on
-    2 CPU cores the target runs 1.6x faster for MVP and 1.25x for flow-10 (run_benchmarks.py speed).
-    On a GPU one call over all rows is faster, hence bon_block = -1 picks 32 on CPU only."""
-    parts = [best_of_n(policy, critic, o, num_candidates, generator, sample) for o in obs.split(block)]
-    return torch.cat([a for a, _ in parts]), torch.cat([q for _, q in parts])
 
 
 # ================================================================================================

@@ -130,15 +130,22 @@ def time_online(learner, env, buf, args, gen, device, seconds: float, min_iters:
     return n / (time.perf_counter() - start)
 
 
-def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
-    """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
-    mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)  # warm-up
+def time_calls(fn, device, calls: int) -> list[float]:
+    """Milliseconds of each of `calls` calls of fn (after one warm-up call), device work included."""
+    fn()
     out = []
     for _ in range(calls):
+        sync(device)
         start = time.perf_counter()
-        mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)  # ends in a device sync
+        fn()
+        sync(device)
         out.append(1e3 * (time.perf_counter() - start))
     return out
+
+
+def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
+    """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
+    return time_calls(lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen), device, calls)
 
 
 @torch.no_grad()
@@ -149,17 +156,8 @@ def time_parts(learner, obs, args, device, calls: int) -> tuple[float, float]:
     obs_rep = torch.as_tensor(obs, dtype=torch.float32, device=device)[None].expand(N, -1)
     a = torch.zeros(N, learner.policy.act_dim, device=device)
     t = torch.zeros(N, 1, device=device)
-    def median_ms(fn):
-        fn()
-        out = []
-        for _ in range(calls):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            out.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(out)
-    return median_ms(lambda: learner.policy(obs_rep, a, t, t)), median_ms(lambda: learner.critic(obs_rep, a))
+    return (statistics.median(time_calls(lambda: learner.policy(obs_rep, a, t, t), device, calls)),
+            statistics.median(time_calls(lambda: learner.critic(obs_rep, a), device, calls)))
 
 
 def latency_ceiling(policy_ms: float, critic_ms: float, steps: int = 10) -> float:
