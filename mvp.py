@@ -66,6 +66,9 @@ class Args:
     seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
     threads: int = field(default=0, metadata=dict(help="CPU threads for torch (0: torch's default); use 1 on a busy shared machine"))
+    cuda_graph: str = field(default="auto", metadata=dict(help="replay the whole update and best-of-N acting as CUDA graphs: auto (on with CUDA) | on | off"))
+    compile: bool = field(default=False, metadata=dict(help="torch.compile the training step: fewer, fused kernels (compiling takes a minute or more)"))
+    matmul_precision: str = field(default="high", metadata=dict(help="float32 matmuls on CUDA: high (TF32 tensor cores, JAX's default on A100/H100, so Q-chunking's) | highest (full fp32)"))
     # protocol [QC]
     offline_steps: int = field(default=1_000_000, metadata=dict(help="offline gradient steps on the dataset"))
     online_steps: int = field(default=1_000_000, metadata=dict(help="online environment steps (1 update per step)"))
@@ -146,6 +149,10 @@ def parse_args(argv=None) -> Args:
         problems.append(f"--time-sampler must be uniform or logit_normal (got {args.time_sampler!r})")
     if args.imitation_target not in ("buffer", "best_of_n"):
         problems.append(f"--imitation-target must be buffer or best_of_n (got {args.imitation_target!r})")
+    if args.cuda_graph not in ("auto", "on", "off"):
+        problems.append(f"--cuda-graph must be auto, on or off (got {args.cuda_graph!r})")
+    if args.matmul_precision not in ("highest", "high"):
+        problems.append(f"--matmul-precision must be highest or high (got {args.matmul_precision!r})")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         problems.append(f"--device must be auto, cpu or cuda (got {args.device!r})")
     if args.dataset_episodes is not None and args.dataset_episodes < 1:
@@ -162,18 +169,21 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def pick_device(name: str, threads: int = 0) -> torch.device:
-    """The one place that decides CPU vs CUDA (and how many CPU threads torch may use).
+def pick_device(name: str, threads: int = 0, matmul_precision: str = "high") -> torch.device:
+    """The one place that decides CPU vs CUDA, how many CPU threads torch may use, and whether CUDA
+    float32 matmuls may use TF32 tensor cores ("high").
 
     On a machine whose cores are busy with other work, torch's multi-threaded CPU kernels stall
     waiting for each other: on 2 shared cores we measured 1 thread 7x faster than 2."""
     if threads:
         torch.set_num_threads(threads)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for, but torch sees no CUDA device "
                          f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch.")
+    if name.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = matmul_precision == "high"
     return torch.device(name)
 
 
@@ -388,9 +398,8 @@ def critic_loss(critic, obs, actions, y, valid_last):
 
 @torch.no_grad()
 def polyak(target: nn.Module, online: nn.Module, tau: float):
-    """target <- (1 - tau) target + tau online."""
-    for p_t, p in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p, tau)
+    """target <- (1 - tau) target + tau online, over all parameters in one multi-tensor kernel."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
 # ================================================================================================
@@ -408,6 +417,8 @@ class Learner:
     loss: Callable  # loss(policy, obs, a1, valid, chunk_len, generator) -> (loss, info)
     sample: Callable  # sample(policy, obs, eps) -> action chunks in [-1, 1]
     bon_block: int = 0  # states per best-of-N block over a batch (0: all at once)
+    cuda_graph: bool = False  # replay train steps and acting as CUDA graphs (class CUDAGraphed)
+    graphs: dict = field(default_factory=dict)  # recorded acting graphs, by (N, generator)
 
 
 def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
@@ -425,11 +436,14 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
         loss, sample = flow_matching_loss, functools.partial(euler_sample, steps=args.flow_steps)
     device_type = torch.device(device).type
     bon_block = args.bon_block if args.bon_block >= 0 else (32 if device_type == "cpu" else 0)
-    # fused Adam: one kernel over all parameters; on CPU the critic's step drops from about 7 to 1 ms
-    fused = device_type in ("cpu", "cuda")
-    return Learner(policy, critic, target_critic,
-                   torch.optim.Adam(policy.parameters(), lr=args.lr, fused=fused),
-                   torch.optim.Adam(critic.parameters(), lr=args.lr, fused=fused), loss, sample, bon_block)
+    if args.cuda_graph == "on" and device_type != "cuda":
+        raise SystemExit(f"error: --cuda-graph on needs a CUDA device, this run is on {device}; use --cuda-graph auto or off")
+    cuda_graph = device_type == "cuda" and args.cuda_graph != "off"
+    # fused Adam: one kernel over all parameters; on CPU the critic's step drops from about 7 to 1 ms.
+    # capturable: its step count stays on the GPU, so the step can be recorded in a CUDA graph
+    opt = functools.partial(torch.optim.Adam, lr=args.lr, fused=device_type in ("cpu", "cuda"), capturable=cuda_graph)
+    return Learner(policy, critic, target_critic, opt(policy.parameters()), opt(critic.parameters()), loss, sample,
+                   bon_block, cuda_graph)
 
 
 def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
@@ -462,6 +476,19 @@ def best_of_n_target(learner, batch, args, generator):
     a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], args.num_candidates, generator,
                           learner.sample, learner.bon_block)
     return a_star, torch.ones_like(batch["valid"])
+
+
+def make_train_step(learner: Learner, buffer, imitation: Callable, args: Args, generator) -> Callable[[], dict]:
+    """A training step as a function of nothing: sample chunks from the replay buffer, pick what the
+    policy imitates (buffer_target or best_of_n_target), update. Its inputs all live on the device,
+    so with CUDA it is recorded once and replayed as one graph (CUDAGraphed, in the plumbing)."""
+    def step():
+        batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, generator)
+        a1, valid_a1 = imitation(learner, batch, args, generator)
+        return update(learner, batch, a1, valid_a1, args, generator)
+    if args.compile:  # fuses elementwise work; the first call compiles (graph breaks at backward are fine)
+        step = torch.compile(step)
+    return CUDAGraphed(step, generator) if learner.cuda_graph else step
 
 
 # ================================================================================================
@@ -1274,29 +1301,48 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std
 
 # ---- replay buffer on the device -----------------------------------------------------------------
 class ReplayBuffer:
-    """Flat transitions in preallocated device tensors; offline data first, online steps appended.
+    """Flat transitions in one preallocated device tensor; offline data first, online steps appended.
 
     Chunks are read as h consecutive rows; 'terminals' marks the last row of each episode, 'masks'
-    is 0 where bootstrapping must stop (success)."""
+    is 0 where bootstrapping must stop (success). Each field is a column block of one (capacity, width)
+    tensor, so appending a transition is a single host-to-device copy, and the number of rows is also
+    kept on the device, so sampling needs no host value and can be replayed inside a CUDA graph."""
+
+    FIELDS = (("obs", "observations"), ("actions", "actions"), ("rewards", "rewards"), ("masks", "masks"),
+              ("terminals", "terminals"), ("next_obs", "next_observations"))
 
     def __init__(self, data: dict, capacity: int, device):
         n = len(data["observations"])
-        self.size, self.capacity, self.device = n, max(capacity, n), device
-        self.store = {}
-        for key, src in (("obs", "observations"), ("actions", "actions"), ("rewards", "rewards"),
-                         ("masks", "masks"), ("terminals", "terminals"), ("next_obs", "next_observations")):
-            arr = torch.as_tensor(np.asarray(data[src], dtype=np.float32))
-            buf = torch.zeros((self.capacity, *arr.shape[1:]), dtype=torch.float32, device=device)
-            buf[:n] = arr.to(device)
-            self.store[key] = buf
+        self.capacity, self.device = max(capacity, n), device
+        arrays = [np.asarray(data[src], dtype=np.float32).reshape(n, -1) for _, src in self.FIELDS]
+        widths = [a.shape[1] for a in arrays]
+        self.rows = torch.zeros(self.capacity, sum(widths), device=device)
+        self.rows[:n] = torch.as_tensor(np.concatenate(arrays, axis=1)).to(device)
+        self.store, col = {}, 0
+        for (key, src), w in zip(self.FIELDS, widths):
+            view = self.rows[:, col:col + w]
+            self.store[key] = view if np.ndim(data[src]) > 1 else view[:, 0]  # (capacity, dim) or (capacity,)
+            col += w
+        self.num_rows = torch.zeros((), dtype=torch.float64, device=device)  # the row count, read by sample_chunks
+        self.size = n
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, n: int):
+        self._size = n
+        self.num_rows.fill_(n)  # a kernel launch, not a sync
 
     def add(self, obs, action, reward, mask, terminal, next_obs):
         if self.size >= self.capacity:
             raise RuntimeError("replay buffer full: capacity is dataset size + online steps")
-        i = self.size
-        for key, val in (("obs", obs), ("actions", action), ("rewards", reward), ("masks", mask),
-                         ("terminals", terminal), ("next_obs", next_obs)):
-            self.store[key][i] = torch.as_tensor(val, dtype=torch.float32)
+        row = torch.from_numpy(np.concatenate([np.ravel(x) for x in (obs, action, reward, mask, terminal, next_obs)])
+                               .astype(np.float32))
+        if self.rows.is_cuda:  # pinned, so the copy is queued behind the running update instead of waiting for it
+            row = row.pin_memory()
+        self.rows[self.size].copy_(row, non_blocking=True)
         self.size += 1
 
     def sample_chunks(self, batch_size: int, chunk_len: int, discount: float, generator) -> dict:
@@ -1304,7 +1350,8 @@ class ReplayBuffer:
 
         valid[:, i] = 0 once an episode ended before step i; rewards after an end are not summed;
         mask is the min over valid steps; next_obs is s_{k+h}, or the state after the last valid step."""
-        idx = torch.randint(0, self.size - chunk_len + 1, (batch_size,), generator=generator, device=self.device)
+        u = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
+        idx = (u * (self.num_rows - chunk_len + 1)).long()  # uniform start in [0, size - h], exact in float64
         rows = idx[:, None] + torch.arange(chunk_len, device=self.device)  # (B, h)
         term = self.store["terminals"][rows]  # (B, h)
         ended = torch.cummax(term, dim=1).values  # ended[:, i] = 1 if an episode ended at or before step i
@@ -1318,11 +1365,60 @@ class ReplayBuffer:
                     reward_sum=reward_sum, mask=mask, valid=valid, next_obs=self.store["next_obs"][last])
 
 
+# ---- CUDA graphs: record a step once, replay it as one launch (a reader may skip this) ------------
+class CUDAGraphed:
+    """Calls fn() eagerly `warmup` times, then records one call as a CUDA graph and replays it after.
+
+    Why: an eager MVP update is about 380 small kernels, and launching them costs the host more than
+    the GPU needs to run them (one H100: 12.9 ms wall, 2.9 ms of GPU work). A replay is one launch.
+    What fn must respect:
+    - it reads tensors at fixed addresses (replay buffer, networks, optimizer state, an input tensor the
+      caller fills in place) and returns tensors that every replay overwrites;
+    - no host synchronisation inside: no .item(), no shapes that depend on values;
+    - its random numbers come from `generator`, registered with the graph: each replay advances it,
+      so each replay draws fresh numbers, the same ones eager code would draw from that state.
+    The warm-up calls are real calls (real updates); they run on a side stream so that lazy set-up
+    (cuBLAS workspaces, autograd's streams, Adam's state) happens before recording, as PyTorch requires.
+    """
+
+    def __init__(self, fn: Callable, generator: torch.Generator, warmup: int = 3):
+        self.fn, self.generator, self.warmup = fn, generator, warmup
+        self.graph, self.out = None, None
+
+    def __call__(self):
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:  # record (nothing runs yet), then the replay below does this call's work
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.register_generator_state(self.generator)
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out
+
+
 # ---- evaluation ----------------------------------------------------------------------------------
 def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len: int, device, generator) -> np.ndarray:
     """Best-of-N chunk for one observation, as (h, action_dim) numpy rows to execute open loop."""
-    obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-    a, _ = best_of_n(learner.policy, learner.critic, obs_t, num_candidates, generator, learner.sample)
+    obs_t = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None]
+    if learner.cuda_graph:  # one recorded graph per (N, generator): copy the observation in, replay
+        key = (num_candidates, id(generator))
+        if key not in learner.graphs:
+            obs_in = torch.zeros(obs_t.shape, device=device)
+            def act():
+                return best_of_n(learner.policy, learner.critic, obs_in, num_candidates, generator, learner.sample)[0]
+            learner.graphs[key] = obs_in, CUDAGraphed(act, generator, warmup=1)
+        obs_in, act = learner.graphs[key]
+        obs_in.copy_(obs_t.pin_memory(), non_blocking=True)
+        a = act()
+    else:
+        a, _ = best_of_n(learner.policy, learner.critic, obs_t.to(device), num_candidates, generator, learner.sample)
     return a.view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
 
 
@@ -1545,11 +1641,13 @@ def load_resume_checkpoint(run_dir: str):
 
 
 def resume_args(args: Args):
-    """Settings of the run being resumed; flags given now must agree with them (device, threads and bon_block may change)."""
+    """Settings of the run being resumed; flags given now must agree with them, except those that say
+    where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision)."""
     path, state = load_resume_checkpoint(args.resume)
     names = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in state["args"].items() if k in names})
-    for k in sorted(getattr(args, "_explicit", set()) & names - {"resume", "device", "threads", "bon_block", "run_dir"}):
+    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision"}
+    for k in sorted(getattr(args, "_explicit", set()) & names - how - {"resume", "run_dir"}):
         given, kept = getattr(args, k), getattr(saved, k)
         if k == "env":
             given, kept = resolve_env_name(given), resolve_env_name(kept)
@@ -1557,6 +1655,8 @@ def resume_args(args: Args):
             raise SystemExit(f"error: the run in {args.resume} was trained with --{k.replace('_', '-')} {kept}, "
                              f"not {given}; a resumed run keeps its settings (start a new run to change them)")
     saved.run_dir, saved.resume, saved.device, saved.threads = args.resume, args.resume, args.device, args.threads
+    for k in getattr(args, "_explicit", set()) & how:
+        setattr(saved, k, getattr(args, k))
     print(f"[mvp] resuming from {path}")
     return saved, state
 
@@ -1596,7 +1696,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     import signal
     from tqdm import tqdm
 
-    device = pick_device(args.device, args.threads)
+    device = pick_device(args.device, args.threads, args.matmul_precision)
     env_name = resolve_env_name(args.env)
     run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_dir(run_dir)
@@ -1656,9 +1756,9 @@ def train(args: Args, resume: dict | None = None) -> dict:
                initial=pos["offline"], total=args.offline_steps)
     tick = phase_start = time.time()
     eval_seconds = 0.0
+    train_step = make_train_step(learner, buffer, buffer_target, args, gen)
     for step in bar:
-        batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
-        info = update(learner, batch, batch["actions"], batch["valid"], args, gen)
+        info = train_step()
         monitor.observe(step, info)
         if step % args.log_interval == 0 or step == args.offline_steps:
             monitor.check("offline", info)
@@ -1676,6 +1776,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     bar.close()
     log.close()
     offline_rate = (args.offline_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
+    del train_step  # frees a recorded graph's memory before the online one is recorded
 
     # ---- hand-off: the replay buffer already holds the offline data; online rows are appended ----
     imitation = best_of_n_target if args.imitation_target == "best_of_n" else buffer_target
@@ -1687,6 +1788,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     queue, ep_return, ep_len, save_due = [], 0.0, 0, False
     tick, updates_since = time.time(), 0
     phase_start, eval_seconds = time.time(), 0.0
+    train_step = make_train_step(learner, buffer, imitation, args, gen)
     for step in bar:
         if obs is None:
             obs, _ = env.reset()
@@ -1702,9 +1804,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
                                   episode_success=float(info.get("success", 0.0)))
             obs, queue, ep_return, ep_len = None, [], 0.0, 0
         if step > args.start_training:
-            batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
-            a1, valid_a1 = imitation(learner, batch, args, gen)
-            info = update(learner, batch, a1, valid_a1, args, gen)
+            info = train_step()
             monitor.observe(step, info)
             updates_since += 1
             if step % args.log_interval == 0 or step == args.online_steps:
@@ -1747,7 +1847,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
 def eval_only(args: Args) -> dict:
     """Evaluate a saved policy on the environment it was trained on."""
-    device = pick_device(args.device, args.threads)
+    device = pick_device(args.device, args.threads, args.matmul_precision)
     ckpt = load_checkpoint(args.checkpoint, device)
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
     env_name = ckpt["env_name"]

@@ -9,6 +9,8 @@ the policy's loss and sampler differ:
 
 Commands:
     python run_benchmarks.py speed                        # throughput and latency table, this device
+    python run_benchmarks.py graph-check                  # CUDA: graphed training matches eager, fresh draws
+    python run_benchmarks.py share --processes 1 2 4      # aggregate updates/s of runs sharing one GPU
     python run_benchmarks.py suite --preset cpu --tasks cube-double-task1 --seeds 0 1 --methods mvp flow10
     python run_benchmarks.py suite --preset paper --tasks cube-double-task4 --seeds 0 1 2 3 4 --dry-run
     python run_benchmarks.py suite ... --launcher slurm --slurm-partition gpu   # one SLURM job per run
@@ -37,6 +39,13 @@ METHODS = {
     "mvp-noivc": ["--ivc-coef", "0"],
     "flow10": ["--policy", "flow", "--flow-steps", "10"],
     "flow1": ["--policy", "flow", "--flow-steps", "1"],
+}
+# how the update runs: eager kernels, the whole update replayed as one CUDA graph, and that with TF32 matmuls
+MODES = {
+    "eager": ["--cuda-graph", "off", "--matmul-precision", "highest"],
+    "graph": ["--cuda-graph", "auto", "--matmul-precision", "highest"],
+    "graph-tf32": ["--cuda-graph", "auto", "--matmul-precision", "high"],
+    "graph-tf32-compile": ["--cuda-graph", "auto", "--matmul-precision", "high", "--compile"],
 }
 PRESETS = {
     # the spec's protocol: mvp.py's defaults (1M offline + 1M online, 4x512, batch 256, N = 32, 50 eval episodes)
@@ -94,11 +103,10 @@ def sync(device):
 
 
 def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int = 3) -> float:
-    """Offline updates per second over at least `seconds` (after one warm-up update)."""
-    def step():
-        batch = buf.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
-        mvp.update(learner, batch, batch["actions"], batch["valid"], args, gen)
-    step()
+    """Offline updates per second over at least `seconds`, after warm-up (and recording, with CUDA graphs)."""
+    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    for _ in range(5):
+        step()
     sync(device)
     start, n = time.perf_counter(), 0
     while n < min_iters or time.perf_counter() - start < seconds:
@@ -112,6 +120,10 @@ def time_online(learner, env, buf, args, gen, device, seconds: float, min_iters:
     """Online env steps per second: best-of-N chunk every h steps, env step, buffer add, one update."""
     obs, _ = env.reset(seed=0)
     queue = []
+    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    for _ in range(5):
+        step()
+    sync(device)
     start, n = time.perf_counter(), 0
     while n < min_iters or time.perf_counter() - start < seconds:
         if not queue:
@@ -123,8 +135,7 @@ def time_online(learner, env, buf, args, gen, device, seconds: float, min_iters:
         if terminated or truncated:
             obs, _ = env.reset()
             queue = []
-        batch = buf.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
-        mvp.update(learner, batch, batch["actions"], batch["valid"], args, gen)
+        step()
         n += 1
     sync(device)
     return n / (time.perf_counter() - start)
@@ -168,43 +179,51 @@ def latency_ceiling(policy_ms: float, critic_ms: float, steps: int = 10) -> floa
 
 def speed(opts) -> dict:
     device = mvp.pick_device(opts.device, opts.threads)
+    modes = opts.modes or (["eager", "graph", "graph-tf32"] if device.type == "cuda" else ["eager"])
+    if device.type != "cuda" and set(modes) - {"eager"}:
+        raise SystemExit("error: --modes graph and graph-tf32 need a CUDA device")
     env = mvp.make_env(mvp.resolve_env_name("cube-double-task1"))
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     obs0, _ = env.reset(seed=0)
     base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers),
             "--batch-size", str(opts.batch_size), "--num-candidates", str(opts.num_candidates)]
-    results = {m: dict(updates_per_s=[], online_steps_per_s=[], latency_ms=[]) for m in opts.methods}
+    rows = [(m, mode) for mode in modes for m in opts.methods]
+    results = {f"{m} {mode}": dict(updates_per_s=[], online_steps_per_s=[], latency_ms=[]) for m, mode in rows}
     parts = dict(policy_call_ms=[], critic_call_ms=[])
-    for rep in range(opts.repeats):  # methods interleaved in each repeat, so drifts hit all alike
-        for m in opts.methods:
-            args = method_args(m, base)
+    for rep in range(opts.repeats):  # methods and modes interleaved in each repeat, so drifts hit all alike
+        for m, mode in rows:
+            args = method_args(m, base + MODES[mode])
+            mvp.pick_device(opts.device, opts.threads, args.matmul_precision)  # TF32 on or off for this row
             gen = mvp.seed_everything(rep, device)
             learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
             buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000 + 100_000, device)
-            results[m]["updates_per_s"].append(time_updates(learner, buf, args, gen, device, opts.seconds))
-            results[m]["online_steps_per_s"].append(time_online(learner, env, buf, args, gen, device, opts.seconds))
-            results[m]["latency_ms"] += time_latency(learner, obs0, args, device, gen, opts.latency_calls)
-            if m == opts.methods[0]:  # the networks are the same for every method
+            r = results[f"{m} {mode}"]
+            r["updates_per_s"].append(time_updates(learner, buf, args, gen, device, opts.seconds))
+            r["online_steps_per_s"].append(time_online(learner, env, buf, args, gen, device, opts.seconds))
+            r["latency_ms"] += time_latency(learner, obs0, args, device, gen, opts.latency_calls)
+            if (m, mode) == rows[0]:  # the networks are the same for every method
                 p_ms, c_ms = time_parts(learner, obs0, args, device, opts.latency_calls)
                 parts["policy_call_ms"].append(p_ms)
                 parts["critic_call_ms"].append(c_ms)
-            print(f"[speed] repeat {rep + 1}/{opts.repeats} {m}: {results[m]['updates_per_s'][-1]:.2f} upd/s, "
-                  f"{results[m]['online_steps_per_s'][-1]:.2f} env steps/s", flush=True)
+            print(f"[speed] repeat {rep + 1}/{opts.repeats} {m} {mode}: {r['updates_per_s'][-1]:.2f} upd/s, "
+                  f"{r['online_steps_per_s'][-1]:.2f} env steps/s, latency {statistics.median(r['latency_ms']):.3f} ms",
+                  flush=True)
     table = {}
-    for m, r in results.items():
+    for key, r in results.items():
         lat = np.array(r["latency_ms"])
-        table[m] = dict(updates_per_s=statistics.median(r["updates_per_s"]),
-                        online_steps_per_s=statistics.median(r["online_steps_per_s"]),
-                        latency_ms_mean=float(lat.mean()), latency_ms_p95=float(np.percentile(lat, 95)))
-    ref = table.get("flow10")
-    for m, row in table.items():
+        table[key] = dict(updates_per_s=statistics.median(r["updates_per_s"]),
+                          online_steps_per_s=statistics.median(r["online_steps_per_s"]),
+                          latency_ms_mean=float(lat.mean()), latency_ms_p95=float(np.percentile(lat, 95)))
+    for m, mode in rows:  # ratios against flow10 in the same mode, from the same run
+        row, ref = table[f"{m} {mode}"], table.get(f"flow10 {mode}")
         if ref:
             row["updates_ratio_vs_flow10"] = row["updates_per_s"] / ref["updates_per_s"]
             row["online_ratio_vs_flow10"] = row["online_steps_per_s"] / ref["online_steps_per_s"]
             row["latency_speedup_vs_flow10"] = ref["latency_ms_mean"] / row["latency_ms_mean"]
+        row["updates_ratio_vs_eager"] = row["updates_per_s"] / table[f"{m} {modes[0]}"]["updates_per_s"]
     out = dict(machine=machine_name(device), device=str(device), torch=torch.__version__,
                config=dict(hidden_dim=opts.hidden_dim, num_layers=opts.num_layers, batch_size=opts.batch_size,
-                           num_candidates=opts.num_candidates, chunk_len=5, repeats=opts.repeats,
+                           num_candidates=opts.num_candidates, chunk_len=5, repeats=opts.repeats, modes=modes,
                            seconds_per_measure=opts.seconds, latency_calls_per_repeat=opts.latency_calls),
                results=table, raw=results)
     p_ms, c_ms = statistics.median(parts["policy_call_ms"]), statistics.median(parts["critic_call_ms"])
@@ -222,24 +241,125 @@ def speed(opts) -> dict:
 
 def speed_markdown(out: dict) -> str:
     c = out["config"]
+    nan = float("nan")
     lines = [f"Machine: {out['machine']} ({out['device']}, torch {out['torch']}). "
              f"Networks {c['num_layers']}x{c['hidden_dim']}, batch {c['batch_size']}, N = {c['num_candidates']}, "
-             f"h = 5; median of {c['repeats']} repeats; ratios against flow10 from the same run.", "",
-             "| method | offline updates/s | x flow10 | online env steps/s (1 update/step) | x flow10 "
-             "| action latency mean / p95 (ms) | speed-up vs flow10 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for m, r in out["results"].items():
-        lines.append(f"| {m} | {r['updates_per_s']:.2f} | {r.get('updates_ratio_vs_flow10', float('nan')):.2f} "
-                     f"| {r['online_steps_per_s']:.2f} | {r.get('online_ratio_vs_flow10', float('nan')):.2f} "
-                     f"| {r['latency_ms_mean']:.2f} / {r['latency_ms_p95']:.2f} "
-                     f"| {r.get('latency_speedup_vs_flow10', float('nan')):.2f} |")
+             f"h = 5; median of {c['repeats']} repeats; ratios against flow10 in the same mode, from the same run.", "",
+             f"| method | mode | offline updates/s | x flow10 | x {c['modes'][0]} | online env steps/s (1 update/step) "
+             "| x flow10 | action latency mean / p95 (ms) | speed-up vs flow10 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, r in out["results"].items():
+        m, mode = key.split(" ")
+        lines.append(f"| {m} | {mode} | {r['updates_per_s']:.2f} | {r.get('updates_ratio_vs_flow10', nan):.2f} "
+                     f"| {r['updates_ratio_vs_eager']:.2f} "
+                     f"| {r['online_steps_per_s']:.2f} | {r.get('online_ratio_vs_flow10', nan):.2f} "
+                     f"| {r['latency_ms_mean']:.3f} / {r['latency_ms_p95']:.3f} "
+                     f"| {r.get('latency_speedup_vs_flow10', nan):.2f} |")
     if "latency_parts" in out:
         lp = out["latency_parts"]
-        lines += ["", f"Latency parts (median, {c['num_candidates']} candidate rows of one observation): one policy "
-                      f"network call {lp['policy_call_ms']:.2f} ms, one critic-ensemble call {lp['critic_call_ms']:.2f} ms. "
+        lines += ["", f"Latency parts ({c['modes'][0]}, median, {c['num_candidates']} candidate rows of one observation): "
+                      f"one policy network call {lp['policy_call_ms']:.2f} ms, one critic-ensemble call {lp['critic_call_ms']:.2f} ms. "
                       f"Both methods pay the critic call, so flow10 / MVP latency cannot exceed (10 p + c) / (p + c) = "
                       f"{lp['flow10_latency_ratio_ceiling']:.2f} on this device."]
     return "\n".join(lines) + "\n"
+
+
+# ================================================================================================
+# graph-check: CUDA graphs replay what eager code computes; share: several runs on one GPU
+# ================================================================================================
+def graph_check(opts) -> dict:
+    """Train the same learner from the same seed eagerly and with CUDA graphs (with --compile: graphs of
+    the compiled step), `updates` steps each, in full fp32, and compare losses and parameters; report how
+    far a TF32 graphed run drifts from the fp32 one; then check that replays draw fresh random numbers,
+    the same ones eager code draws from the same generator state."""
+    device = mvp.pick_device(opts.device)
+    if device.type != "cuda":
+        raise SystemExit("error: graph-check compares CUDA graphs with eager code and needs a CUDA device")
+    obs_dim, action_dim = 40, 5  # cube-double's sizes; the values are synthetic
+    base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers), "--batch-size", str(opts.batch_size)]
+    report = {}
+    fast = ["--compile"] if opts.compile else []
+    for m in opts.methods:
+        runs = {}
+        for mode in ("eager", "graph", "graph-tf32"):
+            args = method_args(m, base + MODES[mode] + (fast if mode != "eager" else []))
+            mvp.pick_device(opts.device, 0, args.matmul_precision)
+            gen = mvp.seed_everything(0, device)
+            learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
+            buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000, device)
+            step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+            keys = sorted(step())  # the logged quantities (this first step is part of the run in every mode)
+            losses = torch.stack([torch.stack([v for k, v in sorted(step().items())]).clone() for _ in range(opts.updates)])
+            params = torch.cat([p.detach().flatten() for p in [*learner.policy.parameters(), *learner.critic.parameters()]])
+            runs[mode] = losses.cpu().double(), params.cpu().double()
+        (le, pe), (lg, pg), (lt, pt) = runs["eager"], runs["graph"], runs["graph-tf32"]
+        loss_rel = ((lg - le).abs() / le.abs().clamp_min(1e-3)).max(dim=1).values  # worst logged quantity, per step
+        tf32_rel = ((lt - le).abs() / le.abs().clamp_min(1e-3))[-20:].mean(dim=0)  # per logged quantity, last 20 steps
+        report[m] = dict(updates=opts.updates, compile=opts.compile, max_rel_loss_diff_first10=float(loss_rel[:10].max()),
+                         max_rel_loss_diff=float(loss_rel.max()),
+                         max_abs_param_diff=float((pg - pe).abs().max()), param_scale=float(pe.abs().max()),
+                         tf32_mean_rel_diff_last20=dict(zip(keys, tf32_rel.tolist())),
+                         tf32_max_abs_param_diff=float((pt - pe).abs().max()))
+        print(f"[graph-check] {m}: {json.dumps(report[m])}", flush=True)
+    # fresh draws: three replays of a recorded sampler against three eager calls from the same state
+    buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000, device)
+    gen = mvp.seed_everything(1, device)
+    eager = [buf.sample_chunks(256, 5, 0.99, gen)["obs"].clone() for _ in range(3)]
+    gen.manual_seed(1)
+    sampler = mvp.CUDAGraphed(lambda: buf.sample_chunks(256, 5, 0.99, gen)["obs"], gen, warmup=1)
+    replays = [sampler().clone() for _ in range(3)]
+    report["draws"] = dict(replays_equal_eager=all(torch.equal(a, b) for a, b in zip(eager, replays)),
+                           replays_differ=not torch.equal(replays[1], replays[2]))
+    print(f"[graph-check] draws: {json.dumps(report['draws'])}", flush=True)
+    ok = report["draws"]["replays_equal_eager"] and report["draws"]["replays_differ"] and all(
+        report[m]["max_rel_loss_diff_first10"] < opts.tol for m in opts.methods)
+    report["ok"] = ok
+    os.makedirs(opts.out_dir, exist_ok=True)
+    with open(os.path.join(opts.out_dir, "graph_check.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"[graph-check] {'PASSED' if ok else 'FAILED'} (tolerance {opts.tol} on the first 10 updates' losses)")
+    return report
+
+
+def rate_worker(opts):
+    """One of `share`'s processes: warm up (and record), wait for the common start, time updates."""
+    device = mvp.pick_device(opts.device, opts.threads)
+    args = method_args(opts.method, MODES[opts.mode])
+    mvp.pick_device(opts.device, opts.threads, args.matmul_precision)
+    gen = mvp.seed_everything(0, device)
+    learner = mvp.make_learner(40, 25, args, device)
+    buf = synthetic_buffer(40, 5, 20_000, 20_000, device)
+    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    for _ in range(5):
+        step()
+    sync(device)
+    late = time.time() - opts.start_at
+    time.sleep(max(0.0, -late))
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < opts.seconds:
+        step()
+        n += 1
+    sync(device)
+    print(json.dumps(dict(updates_per_s=n / (time.perf_counter() - start), late_s=max(late, 0.0))), flush=True)
+
+
+def share(opts) -> dict:
+    """Aggregate updates/s of 1, 2, 4 ... processes training at once on one device."""
+    table = {}
+    for procs in opts.processes:
+        start_at = time.time() + opts.startup
+        cmd = [sys.executable, os.path.abspath(__file__), "_rate", "--method", opts.method, "--mode", opts.mode,
+               "--seconds", str(opts.seconds), "--start-at", str(start_at), "--device", opts.device, "--threads", "1"]
+        ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=HERE) for _ in range(procs)]
+        outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
+        rates = [o["updates_per_s"] for o in outs]
+        table[procs] = dict(per_process=rates, total=sum(rates), late_s=max(o["late_s"] for o in outs))
+        print(f"[share] {procs} process(es): {sum(rates):.1f} updates/s in all ({', '.join(f'{r:.1f}' for r in rates)}); "
+              f"latest start {table[procs]['late_s']:.1f} s after the common start", flush=True)
+    os.makedirs(opts.out_dir, exist_ok=True)
+    with open(os.path.join(opts.out_dir, "share.json"), "w") as f:
+        json.dump(dict(method=opts.method, mode=opts.mode, seconds=opts.seconds, table=table), f, indent=1)
+    return table
 
 
 # ================================================================================================
@@ -425,10 +545,37 @@ def main(argv=None):
     s.add_argument("--num-layers", type=int, default=4)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--num-candidates", type=int, default=32)
+    s.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
+                   help="how updates run (default: all three on CUDA, eager on CPU)")
     s.add_argument("--repeats", type=int, default=3, help="repeats; medians are reported")
     s.add_argument("--seconds", type=float, default=10.0, help="time per throughput measurement")
     s.add_argument("--latency-calls", type=int, default=50, help="single-observation action calls per repeat")
     s.add_argument("--out-dir", default="bench")
+    g = sub.add_parser("graph-check", help="CUDA graphs against eager training, same seed (needs CUDA)")
+    g.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
+    g.add_argument("--updates", type=int, default=200)
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--hidden-dim", type=int, default=512)
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--compile", action="store_true", help="graph the compiled step (--compile) instead of the plain one")
+    g.add_argument("--tol", type=float, default=1e-3, help="largest relative loss difference allowed in the first 10 updates")
+    g.add_argument("--out-dir", default="bench")
+    h = sub.add_parser("share", help="aggregate updates/s of several processes on one device")
+    h.add_argument("--processes", nargs="+", type=int, default=[1, 2, 4])
+    h.add_argument("--method", default="mvp", choices=list(METHODS))
+    h.add_argument("--mode", default="graph", choices=list(MODES))
+    h.add_argument("--device", default="auto")
+    h.add_argument("--seconds", type=float, default=10.0)
+    h.add_argument("--startup", type=float, default=25.0, help="seconds the processes get to start and record before timing")
+    h.add_argument("--out-dir", default="bench")
+    r = sub.add_parser("_rate")  # one process of `share`
+    r.add_argument("--method", default="mvp")
+    r.add_argument("--mode", default="graph")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--seconds", type=float, default=10.0)
+    r.add_argument("--start-at", type=float, default=0.0)
     e = sub.add_parser("envs", help="robomimic env steps/s, reset time and one capped episode, per task")
     e.add_argument("--tasks", nargs="+", default=["lift", "can", "square"], choices=["lift", "can", "square"])
     e.add_argument("--steps", type=int, default=1000)
@@ -448,7 +595,7 @@ def main(argv=None):
     u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
     opts = p.parse_args(argv)
-    for name in ("repeats", "latency_calls", "workers"):
+    for name in ("repeats", "latency_calls", "workers", "updates"):
         if getattr(opts, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if opts.command == "suite":
@@ -459,7 +606,8 @@ def main(argv=None):
                 p.error(str(e))
     if opts.command == "envs":
         return [print(json.dumps(benchmark_env(t, opts.steps)), flush=True) for t in opts.tasks]
-    return speed(opts) if opts.command == "speed" else suite(opts)
+    commands = {"speed": speed, "suite": suite, "graph-check": graph_check, "share": share, "_rate": rate_worker}
+    return commands[opts.command](opts)
 
 
 if __name__ == "__main__":

@@ -352,6 +352,76 @@ def test_replay_buffer_appends_online_rows():
         buf.add(np.array([52.0]), np.array([1.0, 2.0]), -1.0, 1.0, 0.0, np.array([53.0]))
 
 
+def test_replay_buffer_keeps_its_row_count_on_the_device_and_samples_new_rows():
+    """sample_chunks reads the row count from a device tensor (so it can run inside a CUDA graph):
+    rows appended online become reachable, rows past the end never are."""
+    d = _hand_dataset()
+    d["terminals"][-1] = 1
+    buf = mvp.ReplayBuffer(d, 14, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    assert int(buf.sample_chunks(2000, 2, 0.9, g)["obs"][:, 0].max()) == 8  # last start is size - h = 8
+    for i in range(4):
+        buf.add(np.array([10.0 + i]), np.array([0.0, 0.0]), -1.0, 1.0, float(i == 3), np.array([11.0 + i]))
+    assert float(buf.num_rows) == 14 and buf.size == 14
+    starts = buf.sample_chunks(4000, 2, 0.9, g)["obs"][:, 0].long()
+    assert set(starts.tolist()) == set(range(13))  # the new rows 10..13 are drawn, start 12 is the last legal one
+
+
+def _tiny_learner_and_buffer(extra=()):
+    args = mvp.parse_args(["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--num-candidates", "4",
+                           *extra])
+    gen = mvp.seed_everything(0, torch.device("cpu"))
+    learner = mvp.make_learner(40, 25, args, torch.device("cpu"))
+    return args, gen, learner, run_benchmarks.synthetic_buffer(40, 5, 500, 500, torch.device("cpu"))
+
+
+def _params(learner):
+    return torch.cat([p.detach().flatten() for m in (learner.policy, learner.critic, learner.target_critic)
+                      for p in m.parameters()])
+
+
+def test_train_step_is_a_batch_draw_then_one_update():
+    """make_train_step (what the loops and the CUDA graph run) = sample_chunks, imitation target, update."""
+    args, gen, learner, buf = _tiny_learner_and_buffer()
+    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    infos = [step() for _ in range(3)]
+    args, gen, manual, buf = _tiny_learner_and_buffer()
+    for _ in range(3):
+        batch = buf.sample_chunks(args.batch_size, args.chunk_len, args.discount, gen)
+        info = mvp.update(manual, batch, batch["actions"], batch["valid"], args, gen)
+    assert torch.equal(_params(learner), _params(manual))
+    assert float(infos[-1]["critic_loss"]) == float(info["critic_loss"]) and float(infos[0]["mf_loss"]) > 0
+
+
+def test_compiled_train_step_matches_eager_on_cpu():
+    """--compile (torch.compile of the whole step) gives the parameters eager code gives, to 1e-5,
+    after 3 updates from the same seed; and the updates did move them."""
+    args, gen, eager, buf = _tiny_learner_and_buffer()
+    start = _params(eager)
+    step = mvp.make_train_step(eager, buf, mvp.buffer_target, args, gen)
+    for _ in range(3):
+        step()
+    args, gen, compiled, buf = _tiny_learner_and_buffer(["--compile"])
+    step = mvp.make_train_step(compiled, buf, mvp.buffer_target, args, gen)
+    for _ in range(3):
+        step()
+    assert (_params(eager) - start).abs().max() > 1e-4
+    torch.testing.assert_close(_params(compiled), _params(eager), atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_on_without_cuda_is_refused():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        mvp.make_learner(4, 10, mvp.parse_args(["--cuda-graph", "on"]), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphed_training_matches_eager_and_draws_fresh_numbers(tmp_path):
+    report = run_benchmarks.main(["graph-check", "--updates", "100", "--hidden-dim", "64", "--num-layers", "2",
+                                  "--batch-size", "64", "--out-dir", str(tmp_path)])
+    assert report["draws"]["replays_equal_eager"] and report["draws"]["replays_differ"]
+    assert all(report[m]["max_rel_loss_diff_first10"] < 1e-3 for m in ("mvp", "flow10"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Names, data generation and loading through OGBench
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +541,8 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--ivc-coef", "-1"], "--ivc-coef must be >= 0"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["--cuda-graph", "yes"], "--cuda-graph must be auto, on or off"),
+    (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
 ])
 def test_bad_arguments(argv, message):
     proc = run_cli(*argv, check=False)
@@ -629,11 +701,12 @@ def test_speed_writes_table_with_ratios(tmp_path):
     out = run_benchmarks.main(["speed", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8",
                                "--num-candidates", "4", "--repeats", "1", "--seconds", "0.1",
                                "--latency-calls", "3", "--out-dir", str(tmp_path)])
-    assert set(out["results"]) == set(run_benchmarks.METHODS)
-    assert out["results"]["flow10"]["updates_ratio_vs_flow10"] == 1.0
+    assert set(out["results"]) == {f"{m} eager" for m in run_benchmarks.METHODS}  # CPU: eager mode only
+    assert out["results"]["flow10 eager"]["updates_ratio_vs_flow10"] == 1.0
+    assert out["results"]["mvp eager"]["updates_ratio_vs_eager"] == 1.0
     assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
     md = (tmp_path / "speed.md").read_text()
-    assert "| flow1 |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]
+    assert "| flow1 | eager |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]
     parts = out["latency_parts"]
     assert parts["policy_call_ms"] > 0 and parts["critic_call_ms"] > 0 and "cannot exceed" in md
     assert parts["flow10_latency_ratio_ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(
