@@ -62,7 +62,7 @@ import torch.nn.functional as F
 # ================================================================================================
 @dataclass
 class Args:
-    env: str = field(default="cube-double", metadata=dict(help="OGBench task, full name or alias (cube-double, cube-triple-task4, ...), or robomimic lift | can | square"))
+    env: str = field(default="cube-double", metadata=dict(help="OGBench task, full name or alias (cube-single, cube-double, cube-triple-task4, ...), or robomimic lift | can | square"))
     seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
     threads: int = field(default=0, metadata=dict(help="CPU threads for torch (0: torch's default); use 1 on a busy shared machine"))
@@ -473,10 +473,10 @@ class DatasetError(Exception):
     """A dataset file is missing, unreadable or does not match the environment."""
 
 
-TASK_ALIASES = {f"cube-{n}": f"cube-{n}-play-singletask-v0" for n in ("double", "triple")}
-TASK_ALIASES.update({f"cube-{n}-task{k}": f"cube-{n}-play-singletask-task{k}-v0"
-                     for n in ("double", "triple") for k in range(1, 6)})
-FULL_NAME = re.compile(r"^cube-(double|triple)-play-singletask(-task[1-5])?-v0$")
+CUBES = ("single", "double", "triple")
+TASK_ALIASES = {f"cube-{n}": f"cube-{n}-play-singletask-v0" for n in CUBES}
+TASK_ALIASES.update({f"cube-{n}-task{k}": f"cube-{n}-play-singletask-task{k}-v0" for n in CUBES for k in range(1, 6)})
+FULL_NAME = re.compile(rf"^cube-({'|'.join(CUBES)})-play-singletask(-task[1-5])?-v0$")
 
 
 def resolve_env_name(name: str) -> str:
@@ -488,7 +488,7 @@ def resolve_env_name(name: str) -> str:
     if FULL_NAME.match(name):
         return name
     raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, {', '.join(ROBOMIMIC_TASKS)}, "
-                     f"or full OGBench names cube-{{double,triple}}-play-singletask[-task{{1..5}}]-v0")
+                     f"or full OGBench names cube-{{{','.join(CUBES)}}}-play-singletask[-task{{1..5}}]-v0")
 
 
 def dataset_name_of(env_name: str) -> str:
@@ -508,8 +508,10 @@ def import_ogbench():
 
 
 # ---- generating the play dataset with OGBench's own scripted planner ---------------------------
-PUBLIC_EPISODES = {"cube-double-play-v0": 1000, "cube-triple-play-v0": 3000}
-P_STACK_RANGE = {"cube-double-play-v0": (0.0, 0.25), "cube-triple-play-v0": (0.05, 0.35)}
+# OGBench's data_gen_scripts: episodes per public file, and p_stack ~ U(lo, hi) per episode, the chance that a
+# new target is on top of another cube (OGBench fixes 0 for one cube, where set_new_target cannot stack anyway)
+PUBLIC_EPISODES = {"cube-single-play-v0": 1000, "cube-double-play-v0": 1000, "cube-triple-play-v0": 3000}
+P_STACK_RANGE = {"cube-single-play-v0": (0.0, 0.0), "cube-double-play-v0": (0.0, 0.25), "cube-triple-play-v0": (0.05, 0.35)}
 EPISODE_STEPS = 1001  # the public files' episode length
 GENERATED_KEY = "mvp_generated"  # a string array inside each generated npz: its settings as JSON
 _worker = {}
@@ -676,7 +678,7 @@ def load_ogbench(env_name: str, dataset_dir: str):
 
 
 def make_env(env_name: str):
-    """The single-task evaluation / interaction environment, with its episode cap (500 double, 1000 triple)."""
+    """The single-task evaluation / interaction environment, with its episode cap (200 single, 500 double, 1000 triple)."""
     return import_ogbench().make_env_and_datasets(env_name, env_only=True)
 
 

@@ -360,8 +360,16 @@ def test_env_names():
     assert mvp.resolve_env_name("cube-triple-task4") == "cube-triple-play-singletask-task4-v0"
     assert mvp.resolve_env_name(ENV) == ENV
     assert mvp.dataset_name_of(ENV) == "cube-double-play-v0"
-    with pytest.raises(ValueError, match="cube-triple-task4"):
+    assert mvp.resolve_env_name("cube-single") == "cube-single-play-singletask-v0"
+    for k in range(1, 6):
+        full = f"cube-single-play-singletask-task{k}-v0"
+        assert mvp.resolve_env_name(f"cube-single-task{k}") == full and mvp.resolve_env_name(full) == full
+        assert mvp.dataset_name_of(full) == "cube-single-play-v0"
+    assert mvp.PUBLIC_EPISODES["cube-single-play-v0"] == 1000  # OGBench's data_gen_scripts/commands.sh
+    with pytest.raises(ValueError, match=r"cube-single-task5.*cube-triple-task4.*cube-\{single,double,triple\}"):
         mvp.resolve_env_name("cube-quadruple")
+    with pytest.raises(ValueError):
+        mvp.resolve_env_name("cube-single-play-singletask-task6-v0")
 
 
 @pytest.fixture(scope="session")
@@ -384,6 +392,24 @@ def test_generated_files_load_through_ogbench_with_single_task_rewards(data_dir)
     with np.load(os.path.join(data_dir, "cube-double-play-v0.npz"), allow_pickle=False) as f:
         settings = json.loads(str(f[mvp.GENERATED_KEY]))
     assert settings["episodes"] == 2 and settings["split"] == "train" and settings["noise"] == 0.1
+
+
+def test_cube_single_files_load_through_ogbench_with_single_task_rewards(tmp_path):
+    """cube-single: 2 + 1 generated episodes read by OGBench's own loader; the planner really moves the cube."""
+    mvp.generate_dataset("cube-single-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=2)
+    env, train, val = mvp.import_ogbench().make_env_and_datasets("cube-single-play-singletask-task1-v0",
+                                                                 dataset_dir=str(tmp_path))
+    n = 2 * (mvp.EPISODE_STEPS - 1)
+    assert env.observation_space.shape == (28,) and train["observations"].shape == (n, 28)  # one cube: 28 dims
+    assert train["actions"].shape == (n, 5) and len(val["observations"]) == mvp.EPISODE_STEPS - 1
+    assert train["terminals"].sum() == 2
+    assert set(np.unique(train["rewards"])) == {-1.0, 0.0}  # (#cubes at goal) - 1; these episodes reach task 1's goal
+    assert np.array_equal(train["masks"], (train["rewards"] != 0).astype(np.float32))
+    with np.load(tmp_path / "cube-single-play-v0.npz", allow_pickle=False) as f:
+        settings, qpos = json.loads(str(f[mvp.GENERATED_KEY])), f["qpos"]
+    assert qpos.shape == (2 * mvp.EPISODE_STEPS, 21)  # 14 robot joint values, then the cube's position and quaternion
+    assert (qpos[:, 16] > 0.05).mean() > 0.2  # the cube rests at z = 0.02; the planner lifts it again and again
+    assert settings["p_stack_range"] == [0.0, 0.0] and settings["noise"] == 0.1 and settings["episodes"] == 2
 
 
 def test_generation_is_deterministic_and_independent_of_workers(data_dir, tmp_path):
@@ -464,7 +490,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
 # Bad input: clear errors, no library tracebacks
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
-    (["--env", "cube-quadruple"], "unknown --env 'cube-quadruple'. Accepted: cube-double"),
+    (["--env", "cube-quadruple"], "unknown --env 'cube-quadruple'. Accepted: cube-single"),
     (["--num-candidates", "0"], "--num-candidates must be >= 1"),
     (["--chunk-len", "0"], "--chunk-len must be >= 1"),
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
