@@ -454,8 +454,8 @@ def read_csv(path):
 
 def test_end_to_end_offline_online_eval(data_dir, tmp_path):
     run = tmp_path / "run"
-    run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "200", "--online-steps", "520",
-            "--start-training", "100", "--eval-interval", "0", "--run-dir", str(run))
+    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "200", "--online-steps", "520",
+                   "--start-training", "100", "--eval-interval", "0", "--run-dir", str(run))
     offline, online, evals = (read_csv(run / f) for f in ("offline.csv", "online.csv", "eval.csv"))
     assert [int(r["step"]) for r in offline] == [50, 100, 150, 200]
     # updates start after 100 env steps; the episode cap (500) ends one episode on the way
@@ -466,13 +466,67 @@ def test_end_to_end_offline_online_eval(data_dir, tmp_path):
             assert np.isfinite(float(row[k]))
     assert [(r["phase"], int(r["step"])) for r in evals] == [("offline", 200), ("online", 520)]
     assert 0.0 <= float(evals[-1]["success_rate"]) <= 1.0
+    stats = ("success_rate", "return_mean", "length_mean", "q0_mean", "disc_return_mean", "contact_frac")
+    assert list(evals[0]) == ["phase", "step", *stats, *("bc_" + k for k in stats)]
+    for row, prefix in ((r, p) for r in evals for p in ("", "bc_")):
+        length, ret, disc = (float(row[prefix + k]) for k in ("length_mean", "return_mean", "disc_return_mean"))
+        assert np.isfinite(float(row[prefix + "q0_mean"])) and 0.0 <= float(row[prefix + "contact_frac"]) <= 1.0
+        # rewards are in [-2, 0]: sum_k 0.99^k r_k lies between -2 sum_k 0.99^k and 0, and above the plain return
+        assert -2 * (1 - 0.99 ** length) / 0.01 - 1e-6 <= disc <= 0.0 and ret <= disc + 1e-6
+    assert proc.stdout.count("(N = 1: ") == 4 and "vs discounted return" in proc.stdout  # the [eval] lines
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_eval"]["step"] == 520 and summary["env"] == ENV and summary["offline_updates_per_s"] > 0
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert set(ckpt) >= {"policy", "critic", "target_critic", "args"} and ckpt["args"]["hidden_dim"] == 32
     # the saved policy evaluates on its own
     proc = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["env"] == ENV
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["env"] == ENV and set(res) >= {"bc_success_rate", "q0_mean", "disc_return_mean", "contact_frac"}
+
+
+class ReachEnv:
+    """A fake env with known numbers: 7 steps, reward -||a - goal||^2 per action, and (unless contact=False) the
+    info key OGBench reports for gripper contact, 1 on every third step. Logs every reset seed, action and reward."""
+
+    def __init__(self, goal, contact=True):
+        self.goal, self.contact, self.log, self.t = goal, contact, [], 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.log.append(dict(seed=seed, actions=[], rewards=[]))
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = -float(np.square(action - self.goal).sum())
+        self.log[-1]["actions"].append(action)
+        self.log[-1]["rewards"].append(reward)
+        info = dict(success=reward > -0.05, **({"proprio/gripper_contact": np.array([float(self.t % 3 == 0)])} if self.contact else {}))
+        return np.zeros(2, np.float32), reward, False, self.t == 7, info
+
+
+def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
+    torch.manual_seed(0)
+    h, gamma, goal = 3, 0.9, np.full(2, 0.5, np.float32)
+    learner = mvp.make_learner(2, 2 * h, mvp.Args(hidden_dim=16, num_layers=1), torch.device("cpu"))
+    learner.critic = QuadraticCritic(goal=torch.full((2 * h,), 0.5))  # mean_K Q = -1.5 ||chunk - goal||^2: it knows the reward
+    env = ReachEnv(goal)
+    res = mvp.evaluate(learner, env, 4, 16, h, gamma, torch.device("cpu"), torch.Generator().manual_seed(0), seed=100)
+    best, alone = env.log[:4], env.log[4:]
+    assert [e["seed"] for e in best] == [e["seed"] for e in alone] == [100, 101, 102, 103]  # same env seeds
+    for prefix, eps in (("", best), ("bc_", alone)):
+        q0 = [-1.5 * np.square(np.stack(e["actions"][:h]) - goal).sum() for e in eps]  # the first chunk run
+        assert res[prefix + "q0_mean"] == pytest.approx(np.mean(q0), rel=1e-5)
+        disc = [sum(gamma ** k * r for k, r in enumerate(e["rewards"])) for e in eps]
+        assert res[prefix + "disc_return_mean"] == pytest.approx(np.mean(disc))
+        assert res[prefix + "return_mean"] == pytest.approx(np.mean([sum(e["rewards"]) for e in eps]))
+        assert res[prefix + "length_mean"] == 7 and res[prefix + "contact_frac"] == pytest.approx(2 / 7)
+    # best-of-16 runs other chunks than one sample alone: those the critic ranks higher (here rightly so)
+    assert not np.array_equal(best[0]["actions"][0], alone[0]["actions"][0])
+    assert res["q0_mean"] > res["bc_q0_mean"] + 0.5 and res["return_mean"] > res["bc_return_mean"] + 0.5
+    # an env that does not report the info key (robomimic): NaN, not an error
+    res = mvp.evaluate(learner, ReachEnv(goal, contact=False), 1, 4, h, gamma, torch.device("cpu"), torch.Generator(), seed=0)
+    assert math.isnan(res["contact_frac"]) and math.isnan(res["bc_contact_frac"]) and np.isfinite(res["q0_mean"])
 
 
 def test_same_seed_gives_identical_losses(data_dir, tmp_path):
@@ -1189,6 +1243,7 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
     assert "SCRIPTED demos" in proc.stderr
     evals = read_csv(run / "eval.csv")
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
+    assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
     assert [int(r["step"]) for r in read_csv(run / "online.csv")] == [40, 60, 80]
     out = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
     assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
