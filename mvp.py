@@ -62,7 +62,7 @@ import torch.nn.functional as F
 # ================================================================================================
 @dataclass
 class Args:
-    env: str = field(default="cube-double", metadata=dict(help="OGBench task, full name or alias (cube-double, cube-triple-task4, ...), or robomimic lift | can | square"))
+    env: str = field(default="cube-double", metadata=dict(help="OGBench task, full name or alias (cube-single, cube-double, cube-triple-task4, ...), or robomimic lift | can | square"))
     seed: int = field(default=0, metadata=dict(help="seed for networks, sampling and environments"))
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
     threads: int = field(default=0, metadata=dict(help="CPU threads for torch (0: torch's default); use 1 on a busy shared machine"))
@@ -500,10 +500,10 @@ class DatasetError(Exception):
     """A dataset file is missing, unreadable or does not match the environment."""
 
 
-TASK_ALIASES = {f"cube-{n}": f"cube-{n}-play-singletask-v0" for n in ("double", "triple")}
-TASK_ALIASES.update({f"cube-{n}-task{k}": f"cube-{n}-play-singletask-task{k}-v0"
-                     for n in ("double", "triple") for k in range(1, 6)})
-FULL_NAME = re.compile(r"^cube-(double|triple)-play-singletask(-task[1-5])?-v0$")
+CUBES = ("single", "double", "triple")
+TASK_ALIASES = {f"cube-{n}": f"cube-{n}-play-singletask-v0" for n in CUBES}
+TASK_ALIASES.update({f"cube-{n}-task{k}": f"cube-{n}-play-singletask-task{k}-v0" for n in CUBES for k in range(1, 6)})
+FULL_NAME = re.compile(rf"^cube-({'|'.join(CUBES)})-play-singletask(-task[1-5])?-v0$")
 
 
 def resolve_env_name(name: str) -> str:
@@ -515,7 +515,7 @@ def resolve_env_name(name: str) -> str:
     if FULL_NAME.match(name):
         return name
     raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, {', '.join(ROBOMIMIC_TASKS)}, "
-                     f"or full OGBench names cube-{{double,triple}}-play-singletask[-task{{1..5}}]-v0")
+                     f"or full OGBench names cube-{{{','.join(CUBES)}}}-play-singletask[-task{{1..5}}]-v0")
 
 
 def dataset_name_of(env_name: str) -> str:
@@ -535,8 +535,10 @@ def import_ogbench():
 
 
 # ---- generating the play dataset with OGBench's own scripted planner ---------------------------
-PUBLIC_EPISODES = {"cube-double-play-v0": 1000, "cube-triple-play-v0": 3000}
-P_STACK_RANGE = {"cube-double-play-v0": (0.0, 0.25), "cube-triple-play-v0": (0.05, 0.35)}
+# OGBench's data_gen_scripts: episodes per public file, and p_stack ~ U(lo, hi) per episode, the chance that a
+# new target is on top of another cube (OGBench fixes 0 for one cube, where set_new_target cannot stack anyway)
+PUBLIC_EPISODES = {"cube-single-play-v0": 1000, "cube-double-play-v0": 1000, "cube-triple-play-v0": 3000}
+P_STACK_RANGE = {"cube-single-play-v0": (0.0, 0.0), "cube-double-play-v0": (0.0, 0.25), "cube-triple-play-v0": (0.05, 0.35)}
 EPISODE_STEPS = 1001  # the public files' episode length
 GENERATED_KEY = "mvp_generated"  # a string array inside each generated npz: its settings as JSON
 _worker = {}
@@ -703,7 +705,7 @@ def load_ogbench(env_name: str, dataset_dir: str):
 
 
 def make_env(env_name: str):
-    """The single-task evaluation / interaction environment, with its episode cap (500 double, 1000 triple)."""
+    """The single-task evaluation / interaction environment, with its episode cap (200 single, 500 double, 1000 triple)."""
     return import_ogbench().make_env_and_datasets(env_name, env_only=True)
 
 
@@ -1422,24 +1424,56 @@ def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len:
     return a.view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
 
 
-def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, device, generator,
-             seed: int, desc: str = "eval") -> dict:
-    """Success rate, mean return and length over episodes; chunks run open loop, like training."""
+# Extra eval.csv columns read from the env's step info: column -> info key, averaged over an episode's steps,
+# then over episodes; NaN where the env does not report the key (robomimic). OGBench's manipspace envs report
+# the gripper pad's contact force scaled to [0, 1], which reads 0 or about 1: the fraction of steps the gripper
+# touches something, in practice a cube. A policy that never touches a cube is broken, not learning slowly.
+EVAL_INFO_STATS = {"contact_frac": "proprio/gripper_contact"}
+
+
+@torch.no_grad()
+def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len: int, discount: float, device,
+                generator) -> dict:
+    """One evaluation episode, chunks open loop; returns its eval.csv columns (evaluate averages them).
+
+    Besides success, return and length: the critic's estimate at the start, q0 = mean_K Q_k(s_0, a*_0) for the
+    first chunk run, and the realised discounted return it estimates, sum_k gamma^k r_k over env steps (the
+    chunked target sums per-step discounted rewards the same way). The critic bootstraps through time limits,
+    so at the episode cap L the realised sum lacks a tail gamma^L V(s_L), e.g. -13.4 after 200 steps of -1."""
+    obs, _ = env.reset(seed=seed)
+    queue, rewards, info, done, q0 = [], [], {}, False, None
+    seen = {col: [] for col in EVAL_INFO_STATS}
+    while not done:
+        if not queue:
+            queue = list(act_chunk(learner, obs, num_candidates, chunk_len, device, generator))
+            if q0 is None:  # one extra critic call per episode, on the chunk the env will run
+                s0 = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+                a0 = torch.as_tensor(np.stack(queue), dtype=torch.float32, device=device).reshape(1, -1)  # (1, h * action_dim)
+                q0 = learner.critic(s0, a0).mean().item()  # mean over K members; sync point, once per episode
+        obs, reward, terminated, truncated, info = env.step(queue.pop(0))
+        done = terminated or truncated
+        rewards.append(float(reward))
+        for col, key in EVAL_INFO_STATS.items():
+            if key in info:
+                seen[col].append(float(np.mean(info[key])))
+    rewards = np.asarray(rewards)
+    return dict(success_rate=float(info.get("success", 0.0)), return_mean=float(rewards.sum()),
+                length_mean=len(rewards), q0_mean=q0,
+                disc_return_mean=float(discount ** np.arange(len(rewards)) @ rewards),  # Eq. sum_k gamma^k r_k
+                **{col: float(np.mean(v)) if v else float("nan") for col, v in seen.items()})
+
+
+def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
+             generator, seed: int, desc: str = "eval") -> dict:
+    """run_episode's numbers averaged over episodes, for best-of-N and, on the same env seeds, for the
+    behaviour-cloned policy alone (N = 1, columns prefixed bc_): what selection adds over imitation."""
     from tqdm import tqdm
-    successes, returns, lengths = [], [], []
-    for ep in tqdm(range(episodes), desc=desc, leave=False, dynamic_ncols=True):
-        obs, _ = env.reset(seed=seed + ep)
-        queue, done, ret, length, info = [], False, 0.0, 0, {}
-        while not done:
-            if not queue:
-                queue = list(act_chunk(learner, obs, num_candidates, chunk_len, device, generator))
-            obs, reward, terminated, truncated, info = env.step(queue.pop(0))
-            done, ret, length = terminated or truncated, ret + float(reward), length + 1
-        successes.append(float(info.get("success", 0.0)))
-        returns.append(ret)
-        lengths.append(length)
-    return dict(success_rate=float(np.mean(successes)), return_mean=float(np.mean(returns)),
-                length_mean=float(np.mean(lengths)))
+    res = {}
+    for prefix, n in (("", num_candidates), ("bc_", 1)):
+        eps = [run_episode(learner, env, seed + ep, n, chunk_len, discount, device, generator)
+               for ep in tqdm(range(episodes), desc=f"{desc} N={n}", leave=False, dynamic_ncols=True)]
+        res.update({prefix + k: float(np.mean([e[k] for e in eps])) for k in eps[0]})
+    return res
 
 
 # ---- logging and checkpoints ---------------------------------------------------------------------
@@ -1741,13 +1775,15 @@ def train(args: Args, resume: dict | None = None) -> dict:
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
         start = time.time()
-        res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, device, gen,
-                       seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}")
+        res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
+                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}")
         row = dict(phase=phase, step=step, **res)
         eval_log.write(row)
         evals.append(row)
         bar.set_postfix(success=f"{res['success_rate']:.2f}", refresh=True)
-        tqdm.write(f"[eval] {phase} step {step}: success {res['success_rate']:.3f}, return {res['return_mean']:.1f}")
+        tqdm.write(f"[eval] {phase} step {step}: success {res['success_rate']:.3f} (N = 1: {res['bc_success_rate']:.3f}), "
+                   f"return {res['return_mean']:.1f} (N = 1: {res['bc_return_mean']:.1f}), Q(s0, a*) "
+                   f"{res['q0_mean']:.2f} vs discounted return {res['disc_return_mean']:.2f}, contact {res['contact_frac']:.2f}")
         eval_seconds += time.time() - start
 
     # ---- offline: behaviour-clone the dataset's chunks by mean flow, learn Q, select best-of-N ----
@@ -1858,7 +1894,7 @@ def eval_only(args: Args) -> dict:
     learner.critic.load_state_dict(ckpt["critic"])
     gen = seed_everything(args.seed, device)
     res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   device, gen, seed=10_000 * (args.seed + 1))
+                   saved.discount, device, gen, seed=10_000 * (args.seed + 1))
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
     return res
 

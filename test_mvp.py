@@ -430,8 +430,16 @@ def test_env_names():
     assert mvp.resolve_env_name("cube-triple-task4") == "cube-triple-play-singletask-task4-v0"
     assert mvp.resolve_env_name(ENV) == ENV
     assert mvp.dataset_name_of(ENV) == "cube-double-play-v0"
-    with pytest.raises(ValueError, match="cube-triple-task4"):
+    assert mvp.resolve_env_name("cube-single") == "cube-single-play-singletask-v0"
+    for k in range(1, 6):
+        full = f"cube-single-play-singletask-task{k}-v0"
+        assert mvp.resolve_env_name(f"cube-single-task{k}") == full and mvp.resolve_env_name(full) == full
+        assert mvp.dataset_name_of(full) == "cube-single-play-v0"
+    assert mvp.PUBLIC_EPISODES["cube-single-play-v0"] == 1000  # OGBench's data_gen_scripts/commands.sh
+    with pytest.raises(ValueError, match=r"cube-single-task5.*cube-triple-task4.*cube-\{single,double,triple\}"):
         mvp.resolve_env_name("cube-quadruple")
+    with pytest.raises(ValueError):
+        mvp.resolve_env_name("cube-single-play-singletask-task6-v0")
 
 
 @pytest.fixture(scope="session")
@@ -454,6 +462,24 @@ def test_generated_files_load_through_ogbench_with_single_task_rewards(data_dir)
     with np.load(os.path.join(data_dir, "cube-double-play-v0.npz"), allow_pickle=False) as f:
         settings = json.loads(str(f[mvp.GENERATED_KEY]))
     assert settings["episodes"] == 2 and settings["split"] == "train" and settings["noise"] == 0.1
+
+
+def test_cube_single_files_load_through_ogbench_with_single_task_rewards(tmp_path):
+    """cube-single: 2 + 1 generated episodes read by OGBench's own loader; the planner really moves the cube."""
+    mvp.generate_dataset("cube-single-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=2)
+    env, train, val = mvp.import_ogbench().make_env_and_datasets("cube-single-play-singletask-task1-v0",
+                                                                 dataset_dir=str(tmp_path))
+    n = 2 * (mvp.EPISODE_STEPS - 1)
+    assert env.observation_space.shape == (28,) and train["observations"].shape == (n, 28)  # one cube: 28 dims
+    assert train["actions"].shape == (n, 5) and len(val["observations"]) == mvp.EPISODE_STEPS - 1
+    assert train["terminals"].sum() == 2
+    assert set(np.unique(train["rewards"])) == {-1.0, 0.0}  # (#cubes at goal) - 1; these episodes reach task 1's goal
+    assert np.array_equal(train["masks"], (train["rewards"] != 0).astype(np.float32))
+    with np.load(tmp_path / "cube-single-play-v0.npz", allow_pickle=False) as f:
+        settings, qpos = json.loads(str(f[mvp.GENERATED_KEY])), f["qpos"]
+    assert qpos.shape == (2 * mvp.EPISODE_STEPS, 21)  # 14 robot joint values, then the cube's position and quaternion
+    assert (qpos[:, 16] > 0.05).mean() > 0.2  # the cube rests at z = 0.02; the planner lifts it again and again
+    assert settings["p_stack_range"] == [0.0, 0.0] and settings["noise"] == 0.1 and settings["episodes"] == 2
 
 
 def test_generation_is_deterministic_and_independent_of_workers(data_dir, tmp_path):
@@ -498,8 +524,8 @@ def read_csv(path):
 
 def test_end_to_end_offline_online_eval(data_dir, tmp_path):
     run = tmp_path / "run"
-    run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "200", "--online-steps", "520",
-            "--start-training", "100", "--eval-interval", "0", "--run-dir", str(run))
+    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "200", "--online-steps", "520",
+                   "--start-training", "100", "--eval-interval", "0", "--run-dir", str(run))
     offline, online, evals = (read_csv(run / f) for f in ("offline.csv", "online.csv", "eval.csv"))
     assert [int(r["step"]) for r in offline] == [50, 100, 150, 200]
     # updates start after 100 env steps; the episode cap (500) ends one episode on the way
@@ -510,13 +536,67 @@ def test_end_to_end_offline_online_eval(data_dir, tmp_path):
             assert np.isfinite(float(row[k]))
     assert [(r["phase"], int(r["step"])) for r in evals] == [("offline", 200), ("online", 520)]
     assert 0.0 <= float(evals[-1]["success_rate"]) <= 1.0
+    stats = ("success_rate", "return_mean", "length_mean", "q0_mean", "disc_return_mean", "contact_frac")
+    assert list(evals[0]) == ["phase", "step", *stats, *("bc_" + k for k in stats)]
+    for row, prefix in ((r, p) for r in evals for p in ("", "bc_")):
+        length, ret, disc = (float(row[prefix + k]) for k in ("length_mean", "return_mean", "disc_return_mean"))
+        assert np.isfinite(float(row[prefix + "q0_mean"])) and 0.0 <= float(row[prefix + "contact_frac"]) <= 1.0
+        # rewards are in [-2, 0]: sum_k 0.99^k r_k lies between -2 sum_k 0.99^k and 0, and above the plain return
+        assert -2 * (1 - 0.99 ** length) / 0.01 - 1e-6 <= disc <= 0.0 and ret <= disc + 1e-6
+    assert proc.stdout.count("(N = 1: ") == 4 and "vs discounted return" in proc.stdout  # the [eval] lines
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_eval"]["step"] == 520 and summary["env"] == ENV and summary["offline_updates_per_s"] > 0
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert set(ckpt) >= {"policy", "critic", "target_critic", "args"} and ckpt["args"]["hidden_dim"] == 32
     # the saved policy evaluates on its own
     proc = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["env"] == ENV
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["env"] == ENV and set(res) >= {"bc_success_rate", "q0_mean", "disc_return_mean", "contact_frac"}
+
+
+class ReachEnv:
+    """A fake env with known numbers: 7 steps, reward -||a - goal||^2 per action, and (unless contact=False) the
+    info key OGBench reports for gripper contact, 1 on every third step. Logs every reset seed, action and reward."""
+
+    def __init__(self, goal, contact=True):
+        self.goal, self.contact, self.log, self.t = goal, contact, [], 0
+
+    def reset(self, seed=None):
+        self.t = 0
+        self.log.append(dict(seed=seed, actions=[], rewards=[]))
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        reward = -float(np.square(action - self.goal).sum())
+        self.log[-1]["actions"].append(action)
+        self.log[-1]["rewards"].append(reward)
+        info = dict(success=reward > -0.05, **({"proprio/gripper_contact": np.array([float(self.t % 3 == 0)])} if self.contact else {}))
+        return np.zeros(2, np.float32), reward, False, self.t == 7, info
+
+
+def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
+    torch.manual_seed(0)
+    h, gamma, goal = 3, 0.9, np.full(2, 0.5, np.float32)
+    learner = mvp.make_learner(2, 2 * h, mvp.Args(hidden_dim=16, num_layers=1), torch.device("cpu"))
+    learner.critic = QuadraticCritic(goal=torch.full((2 * h,), 0.5))  # mean_K Q = -1.5 ||chunk - goal||^2: it knows the reward
+    env = ReachEnv(goal)
+    res = mvp.evaluate(learner, env, 4, 16, h, gamma, torch.device("cpu"), torch.Generator().manual_seed(0), seed=100)
+    best, alone = env.log[:4], env.log[4:]
+    assert [e["seed"] for e in best] == [e["seed"] for e in alone] == [100, 101, 102, 103]  # same env seeds
+    for prefix, eps in (("", best), ("bc_", alone)):
+        q0 = [-1.5 * np.square(np.stack(e["actions"][:h]) - goal).sum() for e in eps]  # the first chunk run
+        assert res[prefix + "q0_mean"] == pytest.approx(np.mean(q0), rel=1e-5)
+        disc = [sum(gamma ** k * r for k, r in enumerate(e["rewards"])) for e in eps]
+        assert res[prefix + "disc_return_mean"] == pytest.approx(np.mean(disc))
+        assert res[prefix + "return_mean"] == pytest.approx(np.mean([sum(e["rewards"]) for e in eps]))
+        assert res[prefix + "length_mean"] == 7 and res[prefix + "contact_frac"] == pytest.approx(2 / 7)
+    # best-of-16 runs other chunks than one sample alone: those the critic ranks higher (here rightly so)
+    assert not np.array_equal(best[0]["actions"][0], alone[0]["actions"][0])
+    assert res["q0_mean"] > res["bc_q0_mean"] + 0.5 and res["return_mean"] > res["bc_return_mean"] + 0.5
+    # an env that does not report the info key (robomimic): NaN, not an error
+    res = mvp.evaluate(learner, ReachEnv(goal, contact=False), 1, 4, h, gamma, torch.device("cpu"), torch.Generator(), seed=0)
+    assert math.isnan(res["contact_frac"]) and math.isnan(res["bc_contact_frac"]) and np.isfinite(res["q0_mean"])
 
 
 def test_same_seed_gives_identical_losses(data_dir, tmp_path):
@@ -534,7 +614,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
 # Bad input: clear errors, no library tracebacks
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
-    (["--env", "cube-quadruple"], "unknown --env 'cube-quadruple'. Accepted: cube-double"),
+    (["--env", "cube-quadruple"], "unknown --env 'cube-quadruple'. Accepted: cube-single"),
     (["--num-candidates", "0"], "--num-candidates must be >= 1"),
     (["--chunk-len", "0"], "--chunk-len must be >= 1"),
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
@@ -1236,6 +1316,7 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
     assert "SCRIPTED demos" in proc.stderr
     evals = read_csv(run / "eval.csv")
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
+    assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
     assert [int(r["step"]) for r in read_csv(run / "online.csv")] == [40, 60, 80]
     out = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
     assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
