@@ -54,6 +54,10 @@ PRESETS = {
     # Not comparable with the paper's numbers; it shows the pipeline and the relative ordering only.
     "cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "20000", "--online-steps", "20000",
             "--start-training", "2000", "--eval-interval", "10000", "--eval-episodes", "20", "--threads", "1"],
+    # the CPU learning check on cube-single (the ladder's first rung): offline only, 150 + 15 generated play
+    # episodes, 2x256 networks, paper batch and N; MVP about 15 min, flow10 about 40 min per run on one core
+    "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "10000", "--online-steps", "0",
+                        "--eval-interval", "2500", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
 }
 # success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
 REFERENCE = {
