@@ -88,10 +88,11 @@ class Args:
     flow_steps: int = field(default=10, metadata=dict(help="Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)"))
     # MVP policy loss [paper]
     ivc_coef: float = field(default=1.0, metadata=dict(help="lambda on L_IVC; 0 is the paper's ablation"))
-    time_sampler: str = field(default="uniform", metadata=dict(help="(t, r) sampler: uniform | logit_normal [choice]"))
+    time_sampler: str = field(default="uniform", metadata=dict(help="(t, r) sampler: uniform (two sorted draws) | logit_normal | gap_uniform (r - t ~ U(0, 1)) [choice]"))
     time_mu: float = field(default=-0.4, metadata=dict(help="logit-normal mean (MeanFlow's value)"))
     time_sigma: float = field(default=1.0, metadata=dict(help="logit-normal std (MeanFlow's value)"))
     equal_tr_frac: float = field(default=0.0, metadata=dict(help="fraction of L_MF rows with r = t (MeanFlow's implicit boundary)"))
+    one_step_frac: float = field(default=0.0, metadata=dict(help="fraction of L_MF rows with (t, r) = (0, 1), the one-step map acting uses [choice]"))
     imitation_target: str = field(default="buffer", metadata=dict(help="online policy target: buffer (chunks in the replay buffer) | best_of_n (recomputed a*)"))
     # evaluation and logging
     eval_interval: int = field(default=100_000, metadata=dict(help="evaluate every this many steps in each phase (0: only at the end)"))
@@ -135,8 +136,9 @@ def parse_args(argv=None) -> Args:
         problems.append(f"--bon-block must be -1 (auto), 0 (all states at once) or a block size >= 1 (got {args.bon_block})")
     if args.ivc_coef < 0:
         problems.append(f"--ivc-coef must be >= 0 (got {args.ivc_coef})")
-    if not 0.0 <= args.equal_tr_frac <= 1.0:
-        problems.append(f"--equal-tr-frac must be in [0, 1] (got {args.equal_tr_frac})")
+    for name in ("equal_tr_frac", "one_step_frac"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            problems.append(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(args, name)})")
     if not 0.0 < args.discount <= 1.0:
         problems.append(f"--discount must be in (0, 1] (got {args.discount})")
     if not 0.0 < args.tau <= 1.0:
@@ -145,8 +147,8 @@ def parse_args(argv=None) -> Args:
         problems.append(f"--lr must be > 0 (got {args.lr})")
     if args.policy not in ("mvp", "flow"):
         problems.append(f"--policy must be mvp or flow (got {args.policy!r})")
-    if args.time_sampler not in ("uniform", "logit_normal"):
-        problems.append(f"--time-sampler must be uniform or logit_normal (got {args.time_sampler!r})")
+    if args.time_sampler not in ("uniform", "logit_normal", "gap_uniform"):
+        problems.append(f"--time-sampler must be uniform, logit_normal or gap_uniform (got {args.time_sampler!r})")
     if args.imitation_target not in ("buffer", "best_of_n"):
         problems.append(f"--imitation-target must be buffer or best_of_n (got {args.imitation_target!r})")
     if args.cuda_graph not in ("auto", "on", "off"):
@@ -255,21 +257,32 @@ class CriticEnsemble(nn.Module):
 # Mean-flow maths: (t, r) sampler, L_MF with one JVP, L_IVC
 # ================================================================================================
 def sample_times(batch_size: int, sampler: str, mu: float, sigma: float, equal_frac: float,
-                 generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator, device, one_step_frac: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r) with 0 <= t <= r <= 1, each of shape (B, 1) [choice: not given in the paper].
 
-    Two times are drawn (uniform, or logit-normal as in MeanFlow) and sorted. With continuous draws
+    uniform and logit_normal (MeanFlow's) draw two times and sort them. Two sorted uniforms make
+    r - t > 0.9 a 1% event, yet acting only ever uses r - t = 1; gap_uniform draws the gap
+    r - t ~ U(0, 1) first, then t ~ U(0, 1 - gap), so every gap is as likely. With continuous draws
     r != t almost surely, so L_MF never sees the boundary and only L_IVC pins it. equal_frac > 0
-    sets r = t on that fraction of rows: MeanFlow's implicit boundary, for comparison.
+    sets r = t on that fraction of rows (MeanFlow's implicit boundary); one_step_frac > 0 sets
+    (t, r) = (0, 1) on that fraction: the very map a = eps + u(eps, 0, 1) that acting uses.
     """
     if sampler == "uniform":
         x = torch.rand(batch_size, 2, generator=generator, device=device)
-    else:
+        t, r = x.min(dim=1).values, x.max(dim=1).values
+    elif sampler == "logit_normal":
         x = torch.sigmoid(mu + sigma * torch.randn(batch_size, 2, generator=generator, device=device))
-    t, r = x.min(dim=1).values, x.max(dim=1).values
+        t, r = x.min(dim=1).values, x.max(dim=1).values
+    else:  # gap_uniform
+        x = torch.rand(batch_size, 2, generator=generator, device=device)
+        t = (1 - x[:, 1]) * x[:, 0]
+        r = (t + x[:, 1]).clamp(max=1.0)
     if equal_frac > 0:
         equal = torch.rand(batch_size, generator=generator, device=device) < equal_frac
         r = torch.where(equal, t, r)
+    if one_step_frac > 0:
+        one = torch.rand(batch_size, generator=generator, device=device) < one_step_frac
+        t, r = torch.where(one, 0.0, t), torch.where(one, 1.0, r)
     return t[:, None], r[:, None]
 
 
@@ -428,7 +441,8 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
     if args.policy == "mvp":
-        time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac)
+        time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac,
+                       one_step_frac=args.one_step_frac)
         def loss(policy, obs, a1, valid, chunk_len, generator):
             return policy_loss(policy, obs, a1, valid, args.ivc_coef, chunk_len, time_kw, generator)
         sample = one_step

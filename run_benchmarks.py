@@ -39,7 +39,13 @@ METHODS = {
     "mvp-noivc": ["--ivc-coef", "0"],
     "flow10": ["--policy", "flow", "--flow-steps", "10"],
     "flow1": ["--policy", "flow", "--flow-steps", "1"],
+    # MVP with other (t, r) samplers [choice]: MeanFlow's logit-normal, every gap r - t equally likely,
+    # and a quarter of the L_MF rows on the one-step map (t, r) = (0, 1) that acting uses
+    "mvp-logitnormal": ["--time-sampler", "logit_normal"],
+    "mvp-gap": ["--time-sampler", "gap_uniform"],
+    "mvp-onestep": ["--one-step-frac", "0.25"],
 }
+SPEED_METHODS = ["mvp", "mvp-noivc", "flow10", "flow1"]  # the samplers cost the same as mvp
 # how the update runs: eager kernels, the whole update replayed as one CUDA graph, and that with TF32 matmuls
 MODES = {
     "eager": ["--cuda-graph", "off", "--matmul-precision", "highest"],
@@ -55,9 +61,9 @@ PRESETS = {
     "cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "20000", "--online-steps", "20000",
             "--start-training", "2000", "--eval-interval", "10000", "--eval-episodes", "20", "--threads", "1"],
     # the CPU learning check on cube-single (the ladder's first rung): offline only, 150 + 15 generated play
-    # episodes, 2x256 networks, paper batch and N; MVP about 15 min, flow10 about 40 min per run on one core
-    "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "10000", "--online-steps", "0",
-                        "--eval-interval", "2500", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
+    # episodes, 2x256 networks, paper batch and N
+    "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "6000", "--online-steps", "0",
+                        "--eval-interval", "2000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
 }
 # success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
 REFERENCE = {
@@ -542,7 +548,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="MVP against its baselines: speed and success.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("speed", help="throughput and latency of every method on this device")
-    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    s.add_argument("--methods", nargs="+", default=SPEED_METHODS, choices=list(METHODS))
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: default)")
     s.add_argument("--hidden-dim", type=int, default=512)

@@ -176,6 +176,22 @@ def test_time_sampler_orders_and_equal_fraction():
         assert (r > t).all()
     t, r = mvp.sample_times(10_000, "uniform", 0.0, 1.0, 0.25, g, "cpu")
     assert abs((r == t).float().mean().item() - 0.25) < 0.02
+    gap = torch.sub(*mvp.sample_times(100_000, "uniform", 0.0, 1.0, 0.0, g, "cpu")[::-1])
+    assert abs((gap > 0.9).float().mean().item() - 0.01) < 0.002  # sorted uniforms: gap density 2 (1 - gap)
+
+
+def test_gap_uniform_sampler_and_one_step_rows():
+    """gap_uniform: r - t ~ U(0, 1) with t, r inside [0, 1]; one_step_frac rows are exactly (0, 1)."""
+    g = torch.Generator().manual_seed(0)
+    t, r = mvp.sample_times(100_000, "gap_uniform", 0.0, 1.0, 0.0, g, "cpu")
+    gap = r - t
+    assert (t >= 0).all() and (r <= 1).all() and (gap >= 0).all()
+    hist = torch.histc(gap, bins=10, min=0, max=1) / len(gap)
+    assert (hist - 0.1).abs().max() < 0.006  # flat in the gap, 10% above 0.9
+    assert abs(t[gap > 0.5].mean().item() - 0.125) < 0.01  # t ~ U(0, 1 - gap): E[t | gap > 0.5] = 1/8
+    t, r = mvp.sample_times(100_000, "uniform", 0.0, 1.0, 0.0, g, "cpu", one_step_frac=0.25)
+    one = (t == 0) & (r == 1)
+    assert abs(one.float().mean().item() - 0.25) < 0.01 and (r[~one] - t[~one] < 1).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,6 +638,8 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--cuda-graph", "yes"], "--cuda-graph must be auto, on or off"),
+    (["--time-sampler", "beta"], "--time-sampler must be uniform, logit_normal or gap_uniform"),
+    (["--one-step-frac", "1.5"], "--one-step-frac must be in [0, 1]"),
     (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
 ])
 def test_bad_arguments(argv, message):
@@ -781,7 +799,7 @@ def test_speed_writes_table_with_ratios(tmp_path):
     out = run_benchmarks.main(["speed", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8",
                                "--num-candidates", "4", "--repeats", "1", "--seconds", "0.1",
                                "--latency-calls", "3", "--out-dir", str(tmp_path)])
-    assert set(out["results"]) == {f"{m} eager" for m in run_benchmarks.METHODS}  # CPU: eager mode only
+    assert set(out["results"]) == {f"{m} eager" for m in run_benchmarks.SPEED_METHODS}  # CPU: eager mode only
     assert out["results"]["flow10 eager"]["updates_ratio_vs_flow10"] == 1.0
     assert out["results"]["mvp eager"]["updates_ratio_vs_eager"] == 1.0
     assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
