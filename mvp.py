@@ -13,6 +13,8 @@ Commands:
         --online-steps 0 --eval-interval 5000 --threads 1   # a short CPU run
     python mvp.py --env lift --generate-data                # robomimic Lift on scripted demos (no download)
     python mvp.py --env cube-double --policy flow --flow-steps 10   # Q-chunking's flow baseline
+    python mvp.py --env cube-double-task1 --compile         # CUDA: each update is one replayed CUDA graph
+                                                            # (default), here also compiled (fused kernels)
     python mvp.py --resume runs/<run>                       # continue an interrupted run
     python mvp.py --eval-only --checkpoint runs/<run>/checkpoint.pt
     python -m pytest -q test_mvp.py

@@ -1051,6 +1051,21 @@ def test_quick_run_writes_figure_json_and_table(tmp_path, capsys):
     assert table.count("\n| ") >= 3 * 6 and "MVP, 1 step" in table
 
 
+def test_sampler_study_trains_mvp_once_per_sampler(tmp_path, monkeypatch):
+    """--sampler-study: one MVP per (t, r) sampler and seed, with that sampler's settings reaching
+    mvp.sample_times, and a table row per sampler."""
+    seen = []
+    real = mvp.sample_times
+    monkeypatch.setattr(mvp, "sample_times", lambda *a, **kw: seen.append((kw.get("sampler"), kw.get("one_step_frac", 0.0))) or real(*a, **kw))
+    report = toy_2d.main(["--quick", "--sampler-study", "--targets", "ring8", "--out-dir", str(tmp_path)])
+    assert set(seen) == {("uniform", 0.0), ("logit_normal", 0.0), ("gap_uniform", 0.0), ("uniform", 0.25)}
+    res = report["results"]["ring8"]
+    assert all(len(res[n]["u_err"]) == 2 and len(res[n]["u_err"][0]) == len(toy_2d.GAPS)  # --quick: 2 seeds
+               and math.isfinite(res[n]["sw"][0]) for n in toy_2d.SAMPLERS)
+    assert all(f"| ring8 | {n} |" in report["table"] for n in toy_2d.SAMPLERS)
+    assert json.loads((tmp_path / "samplers.json").read_text())["config"]["sampler_study"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Robomimic: the HDF5 loader, the env rebuilt from the file's metadata, scripted demos, errors.
 # No download: files are recorded here by the scripted demonstrators in the real robosuite env,

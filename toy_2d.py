@@ -61,6 +61,7 @@ class ToyArgs:
     targets: str = field(default="ring8,checkerboard,rotating3", metadata=dict(help="comma-separated target names"))
     out_dir: str = field(default="toy_out", metadata=dict(help="where toy_2d.png and toy_2d.json go"))
     quick: bool = field(default=False, metadata=dict(help="tiny budgets for a smoke test"))
+    sampler_study: bool = field(default=False, metadata=dict(help="instead: MVP trained with each (t, r) sampler of SAMPLERS, a table"))
 
 
 QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40)
@@ -252,9 +253,10 @@ def sliced_wasserstein(x, y, num_directions: int = 32):
 TIME_SAMPLER = dict(sampler=mvp.Args.time_sampler, mu=mvp.Args.time_mu, sigma=mvp.Args.time_sigma)  # mvp.py's defaults
 
 
-def mean_flow_loss_fn(ivc_coef: float, equal_frac: float):
-    """mvp.policy_loss with a given lambda and fraction of r = t rows; chunk_len = 1 for 2D actions."""
-    time_kw = dict(TIME_SAMPLER, equal_frac=equal_frac)
+def mean_flow_loss_fn(ivc_coef: float, equal_frac: float, **sampler):
+    """mvp.policy_loss with a given lambda and fraction of r = t rows; chunk_len = 1 for 2D actions.
+    `sampler` overrides mvp.sample_times' settings (sampler=..., one_step_frac=...)."""
+    time_kw = dict(TIME_SAMPLER, equal_frac=equal_frac, **sampler)
 
     def loss_fn(net, obs, a1, generator):
         valid = torch.ones(a1.shape[0], 1)  # (B, chunk_len = 1): no episode ends in the toy
@@ -467,6 +469,38 @@ def plot(results: dict, samples: dict, path: str):
 
 
 # ================================================================================================
+# The (t, r) sampler study: MVP with each sampler, same seeds and steps
+# ================================================================================================
+SAMPLERS = {"uniform (sorted, default)": {}, "logit_normal": dict(sampler="logit_normal"),
+            "gap_uniform": dict(sampler="gap_uniform"), "uniform + 25% (0, 1) rows": dict(one_step_frac=0.25)}
+
+
+def sampler_study(args: ToyArgs) -> dict:
+    """SW2 of one-step samples and u* error at every gap for MVP (lambda = --ivc-coef) under each sampler."""
+    eval_seed, out = 12345, {}
+    for target in [TARGETS[n]() for n in args.targets.split(",")]:
+        grid = truth_on_gap_grid(target, args.eval_points, args.ode_steps, torch.Generator().manual_seed(eval_seed))
+        out[target.name] = {"floor": distance_floor(target, args, eval_seed)}
+        for name, kw in tqdm(SAMPLERS.items(), desc=target.name, unit="sampler"):
+            variant = Variant(name, mean_flow_loss_fn(args.ivc_coef, 0.0, **kw), {name: one_step_unclipped}, True)
+            nets = [train(target, variant, seed, args) for seed in range(args.seeds)]
+            out[target.name][name] = dict(sw=[distances(n, variant, target, args, eval_seed)[name] for n in nets],
+                                          u_err=[mean_velocity_errors(n, grid, False) for n in nets])
+    rows = ["| target | (t, r) sampler | SW2 one-step (mean ± std) | " + " | ".join(f"u* MSE r-t={g}" for g in GAPS) + " |",
+            "| --- | --- | --- | " + " | ".join("---" for _ in GAPS) + " |"]
+    for tname, res in out.items():
+        rows.append(f"| {tname} | (floor) | {'%.3f ± %.3f' % mean_std(res['floor'])} | " + " | ".join("" for _ in GAPS) + " |")
+        for name in SAMPLERS:
+            errs = [mean_std([e[i] for e in res[name]["u_err"]]) for i in range(len(GAPS))]
+            rows.append(f"| {tname} | {name} | {'%.3f ± %.3f' % mean_std(res[name]['sw'])} | "
+                        + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in errs) + " |")
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "samplers.json"), "w") as f:
+        json.dump(dict(config=dataclasses.asdict(args), gaps=list(GAPS), results=out), f, indent=1)
+    return dict(results=out, table="\n".join(rows))
+
+
+# ================================================================================================
 # Main
 # ================================================================================================
 def reference_numbers(target: MixtureTarget, grid: list[dict], args: ToyArgs, eval_seed: int) -> dict:
@@ -546,9 +580,12 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = run(args)
+        report = sampler_study(args) if args.sampler_study else run(args)
     finally:
         torch.set_num_threads(threads)
+    if args.sampler_study:
+        print(report["table"] + f"\n\n{args.seeds} seeds x {args.steps} steps; wrote {args.out_dir}/samplers.json")
+        return report
     print(markdown_table(report["results"]))
     print(f"\nSW2: sliced Wasserstein-2 over {args.eval_samples} samples, 32 directions; u* MSE on "
           f"{args.eval_points} points x ~ p_t per gap. {args.seeds} seeds x {args.steps} steps, "
