@@ -155,6 +155,8 @@ def parse_args(argv=None) -> Args:
         problems.append(f"--imitation-target must be buffer or best_of_n (got {args.imitation_target!r})")
     if args.cuda_graph not in ("auto", "on", "off"):
         problems.append(f"--cuda-graph must be auto, on or off (got {args.cuda_graph!r})")
+    elif args.cuda_graph == "on" and (args.device == "cpu" or not torch.cuda.is_available()):
+        problems.append("--cuda-graph on needs a CUDA device; use --cuda-graph auto (graphs only on CUDA) or off")
     if args.matmul_precision not in ("highest", "high"):
         problems.append(f"--matmul-precision must be highest or high (got {args.matmul_precision!r})")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):

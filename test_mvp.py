@@ -427,7 +427,7 @@ def test_compiled_train_step_matches_eager_on_cpu():
 
 def test_cuda_graph_on_without_cuda_is_refused():
     with pytest.raises(SystemExit, match="needs a CUDA device"):
-        mvp.make_learner(4, 10, mvp.parse_args(["--cuda-graph", "on"]), torch.device("cpu"))
+        mvp.make_learner(4, 10, mvp.Args(cuda_graph="on", hidden_dim=8, num_layers=1), torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -638,6 +638,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["--cuda-graph", "yes"], "--cuda-graph must be auto, on or off"),
+    (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs a CUDA device"),
     (["--time-sampler", "beta"], "--time-sampler must be uniform, logit_normal or gap_uniform"),
     (["--one-step-frac", "1.5"], "--one-step-frac must be in [0, 1]"),
     (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
