@@ -506,7 +506,7 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
             mean = np.array([np.mean(row["curve"][s]) for s in steps])
             std = np.array([np.std(row["curve"][s]) for s in steps])
             color = f"C{i}"
-            ax.plot(steps, mean, "-o", color=color, label=row["method"], ms=3)
+            ax.plot(steps, mean, ["-o", "--s", "-.^", ":v"][i % 4], color=color, label=row["method"], ms=4)  # styles keep equal curves visible
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             ref = REFERENCE.get(task, {}).get(row["method"])
             if ref is not None:
