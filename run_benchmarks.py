@@ -112,12 +112,14 @@ def sync(device):
         torch.cuda.synchronize(device)  # timers must see finished kernels
 
 
-def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int = 3) -> float:
-    """Offline updates per second over at least `seconds`, after warm-up (and recording, with CUDA graphs)."""
+def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int = 3, start_at: float = 0.0) -> float:
+    """Offline updates per second over at least `seconds`, after warm-up (and recording, with CUDA graphs);
+    timing starts no earlier than the wall-clock time `start_at` (share's processes start together)."""
     step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
     for _ in range(5):
         step()
     sync(device)
+    time.sleep(max(0.0, start_at - time.time()))
     start, n = time.perf_counter(), 0
     while n < min_iters or time.perf_counter() - start < seconds:
         step()
@@ -339,18 +341,9 @@ def rate_worker(opts):
     gen = mvp.seed_everything(0, device)
     learner = mvp.make_learner(40, 25, args, device)
     buf = synthetic_buffer(40, 5, 20_000, 20_000, device)
-    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
-    for _ in range(5):
-        step()
-    sync(device)
-    late = time.time() - opts.start_at
-    time.sleep(max(0.0, -late))
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < opts.seconds:
-        step()
-        n += 1
-    sync(device)
-    print(json.dumps(dict(updates_per_s=n / (time.perf_counter() - start), late_s=max(late, 0.0))), flush=True)
+    rate = time_updates(learner, buf, args, gen, device, opts.seconds, start_at=opts.start_at)
+    late = time.time() - opts.seconds - opts.start_at  # > 0: began timing after the others (or overran the window)
+    print(json.dumps(dict(updates_per_s=rate, late_s=max(late, 0.0))), flush=True)
 
 
 def share(opts) -> dict:
