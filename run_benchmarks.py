@@ -499,7 +499,9 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
             mean = np.array([np.mean(row["curve"][s]) for s in steps])
             std = np.array([np.std(row["curve"][s]) for s in steps])
             color = f"C{i}"
-            ax.plot(steps, mean, ["-o", "--s", "-.^", ":v"][i % 4], color=color, label=row["method"], ms=4)  # styles keep equal curves visible
+            n = max(len(v) for v in row["curve"].values())
+            ax.plot(steps, mean, ["-o", "--s", "-.^", ":v"][i % 4], color=color, ms=4,  # styles keep equal curves visible
+                    label=f"{row['method']} ({n} seed{'s' if n > 1 else ''}, ± std)")
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             ref = REFERENCE.get(task, {}).get(row["method"])
             if ref is not None:
@@ -522,7 +524,7 @@ def suite(opts):
         for d, c in todo:
             print(" ".join(c))
         return None
-    if todo:
+    if todo and not opts.report_only:
         launch(opts, todo)
     table = aggregate(opts.out_dir, opts.tasks, opts.methods, opts.seeds, opts.report_steps)
     md = table_markdown(table)
@@ -596,6 +598,7 @@ def main(argv=None):
     u.add_argument("--timeout-min", type=int, default=60 * 24)
     u.add_argument("--out-dir", default="suite")
     u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    u.add_argument("--report-only", action="store_true", help="launch nothing: table and curves of the evaluations written so far")
     u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
     opts = p.parse_args(argv)
     for name in ("repeats", "latency_calls", "workers", "updates"):

@@ -778,6 +778,21 @@ def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
     assert not any(os.path.join("mvp", "seed0") in l for l in lines)
 
 
+def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, monkeypatch):
+    """--report-only: seeds a method has not run yet are left out of its mean, and nothing is launched."""
+    for method, seed, success in [("mvp", 0, 0.2), ("mvp", 1, 0.4), ("flow10", 0, 0.1)]:
+        d = run_benchmarks.run_dir_of(str(tmp_path), "cube-single-task1", method, seed)
+        os.makedirs(d)
+        open(os.path.join(d, "args.json"), "w").write(json.dumps(dict(offline_steps=100)))
+        open(os.path.join(d, "eval.csv"), "w").write(f"phase,step,success_rate\noffline,100,{success}\n")
+    monkeypatch.setattr(run_benchmarks, "launch", lambda *a: pytest.fail("--report-only launched runs"))
+    table = run_benchmarks.main(["suite", "--tasks", "cube-single-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
+                                 "--out-dir", str(tmp_path), "--report-only"])
+    assert table["cube-single-task1/mvp"]["cells"][100] == dict(mean=pytest.approx(0.3), std=pytest.approx(0.1), n=2)
+    assert table["cube-single-task1/flow10"]["cells"][100]["n"] == 1
+    assert (tmp_path / "curves_cube-single-task1.png").exists()
+
+
 def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     out = tmp_path / "suite"
     argv = ["suite", "--tasks", "cube-double-task1", "--seeds", "0", "--methods", "mvp", "flow1",
@@ -1034,37 +1049,49 @@ def test_samplers_are_mvps_without_the_clip():
 # ---------------------------------------------------------------------------------------------
 # The script end to end
 # ---------------------------------------------------------------------------------------------
-def test_quick_run_writes_figure_json_and_table(tmp_path, capsys):
-    toy_2d.main(["--quick", "--out-dir", str(tmp_path)])
-    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000
-    report = json.loads((tmp_path / "toy_2d.json").read_text())
-    assert report["config"]["quick"] and report["gaps"] == list(toy_2d.GAPS)
-    samplers = set(toy_2d.SAMPLE_LABELS)
+def test_quick_run_writes_figures_json_and_table(tmp_path, capsys):
+    report = toy_2d.main(["--quick", "--full", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "toy_2d.png").stat().st_size > 10_000 and (tmp_path / "toy_2d_ivc.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "toy_2d.json").read_text())
+    assert saved["config"]["quick"] and saved["gaps"] == list(toy_2d.GAPS)
+    variants = toy_2d.make_variants(toy_2d.parse_args(["--quick"]))
+    samplers = {s for v in variants.values() for s in v.samplers}
     for name in ("ring8", "checkerboard", "rotating3"):
-        res = report["results"][name]
+        res = saved["results"][name]
         assert set(res["sw"]) == samplers
-        assert all(len(v) == report["config"]["seeds"] and all(math.isfinite(x) and x > 0 for x in v)
-                   for v in res["sw"].values())
-        assert set(res["u_err"]) == {"mf", "mvp", "meanflow", "fm"}  # one curve per trained network
-        assert all(len(e) == len(toy_2d.GAPS) for v in res["u_err"].values() for e in v)
-        assert res["true_v_as_proxy"]["0.0"] == 0.0  # at r = t the mean velocity is v* itself
+        assert all(len(v) == 2 and all(math.isfinite(x) and x > 0 for x in v) for v in res["sw"].values())
+        assert set(res["u_err"]) == set(toy_2d.VARIANT_NAMES)  # one error list per trained network
+        assert all(len(e) == 1 + len(toy_2d.GAPS) for v in res["u_err"].values() for e in v)  # boundary, then gaps
+        assert res["true_v_as_proxy"][0] == 0.0  # at r = t the mean velocity is v* itself
+        assert all(len(c) == 2 and c[-1][0] == 40 for v in res["curve"].values() for c in v)  # --quick: 2 points
+    ivc = saved["ivc_boundary_mse"]
+    assert ivc["times"] == list(toy_2d.IVC_TIMES) and len(ivc["mf"]) == len(ivc["mvp"]) == len(toy_2d.IVC_TIMES)
     table = capsys.readouterr().out
-    assert table.count("\n| ") >= 3 * 6 and "MVP, 1 step" in table
+    assert table.count("\n| ") >= 3 * (1 + len(samplers)) and "MVP (λ = 1), 1 step" in table
+    assert report["table"] in table
 
 
-def test_sampler_study_trains_mvp_once_per_sampler(tmp_path, monkeypatch):
-    """--sampler-study: one MVP per (t, r) sampler and seed, with that sampler's settings reaching
-    mvp.sample_times, and a table row per sampler."""
+def test_variants_reach_mvp_sample_times(tmp_path, monkeypatch):
+    """Each MVP variant's (t, r) sampler settings reach mvp.sample_times, and --variants trains only those named."""
     seen = []
     real = mvp.sample_times
-    monkeypatch.setattr(mvp, "sample_times", lambda *a, **kw: seen.append((kw.get("sampler"), kw.get("one_step_frac", 0.0))) or real(*a, **kw))
-    report = toy_2d.main(["--quick", "--sampler-study", "--targets", "ring8", "--out-dir", str(tmp_path)])
-    assert set(seen) == {("uniform", 0.0), ("logit_normal", 0.0), ("gap_uniform", 0.0), ("uniform", 0.25)}
-    res = report["results"]["ring8"]
-    assert all(len(res[n]["u_err"]) == 2 and len(res[n]["u_err"][0]) == len(toy_2d.GAPS)  # --quick: 2 seeds
-               and math.isfinite(res[n]["sw"][0]) for n in toy_2d.SAMPLERS)
-    assert all(f"| ring8 | {n} |" in report["table"] for n in toy_2d.SAMPLERS)
-    assert json.loads((tmp_path / "samplers.json").read_text())["config"]["sampler_study"]
+    monkeypatch.setattr(mvp, "sample_times", lambda *a, **kw: seen.append((kw["sampler"], kw.get("one_step_frac", 0.0), kw["equal_frac"])) or real(*a, **kw))
+    toy_2d.main(["--quick", "--variants", "mvp,mvp_logitnormal,mvp_gap,mvp_onestep,meanflow", "--out-dir", str(tmp_path)])
+    assert set(seen) == {("uniform", 0.0, 0.0), ("logit_normal", 0.0, 0.0), ("gap_uniform", 0.0, 0.0),
+                         ("uniform", 0.25, 0.0), ("uniform", 0.0, 0.5)}
+    assert set(json.loads((tmp_path / "toy_2d.json").read_text())["results"]["ring8"]["u_err"]) == \
+        {"mvp", "mvp_logitnormal", "mvp_gap", "mvp_onestep", "meanflow"}
+    with pytest.raises(SystemExit):
+        toy_2d.parse_args(["--variants", "mvp,nope"])
+
+
+def test_worker_processes_train_the_same_networks(tmp_path):
+    """Training in spawned worker processes gives exactly what training in this process gives."""
+    flags = ["--quick", "--variants", "mvp,fm", "--curve-points", "0"]
+    one = toy_2d.main(flags + ["--out-dir", str(tmp_path / "a")])
+    two = toy_2d.main(flags + ["--workers", "2", "--out-dir", str(tmp_path / "b")])
+    assert one["results"]["ring8"]["sw"] == two["results"]["ring8"]["sw"]
+    assert one["results"]["ring8"]["u_err"] == two["results"]["ring8"]["u_err"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,21 +5,26 @@ one call maps noise to an action: a = eps + u(eps, 0, 1 | s). The mean-flow iden
 only up to a term C(a, r) / (r - t); the IVC term L_IVC pins the boundary u(a, t, t) = v(a, t).
 This script trains the network and losses of mvp.py (imported, not copied) on 2D Gaussian mixtures,
 where the true marginal velocity v*(x, t) has a closed form and the true mean velocity u*(x, t, r)
-follows from integrating it finely, and compares four variants trained with the same seeds, steps
-and network:
+follows from integrating it finely, and compares variants trained with the same seeds, steps and
+network:
 
-    mf         L_MF only, r != t on every row (lambda = 0, the paper's ablation)
-    mvp        L_MF + lambda * L_IVC with lambda = 1 (the paper's method)
-    meanflow   L_MF with a fraction of rows at r = t and no separate IVC term (MeanFlow's boundary)
-    fm         plain flow matching on u(a_t, t, t), sampled with 1 and with 10 Euler steps
+    mf               L_MF only, r != t on every row (lambda = 0, the paper's ablation)
+    mvp              L_MF + lambda * L_IVC with lambda = 1 (the paper's method)
+    meanflow         L_MF with a fraction of rows at r = t and no separate IVC term (MeanFlow's boundary)
+    fm               plain flow matching on u(a_t, t, t), sampled with 1 and with 10 Euler steps
+    mvp_logitnormal, mvp_gap, mvp_onestep
+                     MVP with mvp.py's other (t, r) samplers: logit-normal, r - t ~ U(0, 1), and a
+                     quarter of the rows on the one-step map (t, r) = (0, 1)
 
 It reports (1) the sliced Wasserstein-2 distance between one-step samples and the target, mean and
-std over seeds, and (2) the mean squared error ||u_theta(x, t, r) - u*(x, t, r)||^2 on points x
-drawn from the true p_t, as a function of the gap r - t (gap 0 is the boundary u(x, t, t) = v*).
+std over seeds, with SW2 during training to show where it flattens, (2) the error of u against the
+truth: at the boundary u(x, t, t) against v*, and u(x, 0, r) against u*(x, 0, r) for each r (t held
+at 0, so r = 1 is the one-step map), and (3) a picture of the boundary with and without IVC.
 
-Run:    python toy_2d.py            (3 targets x 3 seeds x 4 variants; about 3 min on a 2-core CPU)
+Run:    python toy_2d.py            (ring8, 3 seeds, mf/mvp/meanflow/fm, 2 worker processes; about 5 min on 2 cores)
+        python toy_2d.py --full     (every target and variant)
         python toy_2d.py --quick    (smoke test, well under 30 s)
-Writes: <out-dir>/toy_2d.png, <out-dir>/toy_2d.json, and prints a markdown table.
+Writes: <out-dir>/toy_2d.png, <out-dir>/toy_2d_ivc.png, <out-dir>/toy_2d.json, and prints a markdown table.
 
 Time convention as in mvp.py and the paper: noise at t = 0, data at t = 1,
 a_t = (1 - t) eps + t a1, v = a1 - eps.
@@ -39,7 +44,9 @@ from tqdm import tqdm
 
 import mvp
 
-GAPS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # the r - t values at which u* error is measured
+GAPS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # the r - t values at which u* error is measured, from t = 0
+TARGET_NAMES = ("ring8", "checkerboard", "rotating3")  # the builders are below, in TARGETS
+VARIANT_NAMES = ("mf", "mvp", "meanflow", "fm", "mvp_logitnormal", "mvp_gap", "mvp_onestep")  # make_variants
 
 
 # ================================================================================================
@@ -48,27 +55,38 @@ GAPS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # the r - t values at which u* er
 @dataclass
 class ToyArgs:
     seeds: int = field(default=3, metadata=dict(help="seeds per (target, variant); seeds are 0..seeds-1"))
-    steps: int = field(default=600, metadata=dict(help="gradient steps per training run (same for every variant)"))
+    steps: int = field(default=4000, metadata=dict(help="gradient steps per training run (same for every variant)"))
     batch_size: int = field(default=512, metadata=dict(help="minibatch size (fresh target samples every step)"))
     lr: float = field(default=3e-3, metadata=dict(help="Adam learning rate (decayed linearly to 0)"))
     hidden_dim: int = field(default=128, metadata=dict(help="width of the mean-velocity MLP"))
     num_layers: int = field(default=3, metadata=dict(help="hidden layers of the mean-velocity MLP"))
-    ivc_coef: float = field(default=1.0, metadata=dict(help="lambda of the mvp variant"))
+    ivc_coef: float = field(default=1.0, metadata=dict(help="lambda of the mvp variants"))
     equal_frac: float = field(default=0.5, metadata=dict(help="fraction of r = t rows in the meanflow variant"))
     eval_samples: int = field(default=16384, metadata=dict(help="samples per distance (per state for the conditional target)"))
-    eval_points: int = field(default=1024, metadata=dict(help="points x ~ p_t per gap for the u* error"))
+    eval_points: int = field(default=1024, metadata=dict(help="points per probe set for the u* error"))
     ode_steps: int = field(default=100, metadata=dict(help="RK4 steps per unit time when integrating the true flow"))
-    targets: str = field(default="ring8,checkerboard,rotating3", metadata=dict(help="comma-separated target names"))
-    out_dir: str = field(default="toy_out", metadata=dict(help="where toy_2d.png and toy_2d.json go"))
-    quick: bool = field(default=False, metadata=dict(help="tiny budgets for a smoke test"))
-    sampler_study: bool = field(default=False, metadata=dict(help="instead: MVP trained with each (t, r) sampler of SAMPLERS, a table"))
+    targets: str = field(default="ring8", metadata=dict(help=f"comma-separated target names: {', '.join(TARGET_NAMES)}"))
+    variants: str = field(default="mf,mvp,meanflow,fm", metadata=dict(help=f"comma-separated variants: {', '.join(VARIANT_NAMES)}"))
+    full: bool = field(default=False, metadata=dict(help="the full grid: every target and variant (overrides --targets, --variants)"))
+    workers: int = field(default=2, metadata=dict(help="training processes (1: train in this process)"))
+    curve_points: int = field(default=8, metadata=dict(help="SW2 evaluations during each training run (0: none)"))
+    out_dir: str = field(default="toy_out", metadata=dict(help="where toy_2d.png, toy_2d_ivc.png and toy_2d.json go"))
+    quick: bool = field(default=False, metadata=dict(help="tiny budgets for a smoke test, in this process"))
+
+    @property
+    def target_list(self) -> list[str]:
+        return list(TARGET_NAMES) if self.full else self.targets.split(",")
+
+    @property
+    def variant_list(self) -> list[str]:
+        return list(VARIANT_NAMES) if self.full else self.variants.split(",")
 
 
-QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40)
+QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40, workers=1, curve_points=2)
 
 
 def parse_args(argv=None) -> ToyArgs:
-    """Flags with dashes built from ToyArgs; --quick overrides the budgets it names in QUICK."""
+    """Flags with dashes built from ToyArgs; --quick sets the budgets it names in QUICK unless given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(ToyArgs):
         flag = "--" + f.name.replace("_", "-")
@@ -78,13 +96,15 @@ def parse_args(argv=None) -> ToyArgs:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default {f.default})")
     args = ToyArgs(**vars(parser.parse_args(argv)))
-    if args.quick:
-        args = dataclasses.replace(args, **QUICK)
-    unknown = set(args.targets.split(",")) - set(TARGETS)
-    if unknown:
-        parser.error(f"unknown --targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
-    if args.seeds < 1 or args.steps < 1:
-        parser.error("--seeds and --steps must be >= 1")
+    if args.quick:  # the budgets of QUICK, where the flag was left at its default
+        defaults = {f.name: f.default for f in dataclasses.fields(ToyArgs)}
+        args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == defaults[k]})
+    for name, given, known in [("targets", args.target_list, TARGET_NAMES), ("variants", args.variant_list, VARIANT_NAMES)]:
+        unknown = set(given) - set(known)
+        if unknown:
+            parser.error(f"unknown --{name} {sorted(unknown)}; choose from {', '.join(known)}")
+    if args.seeds < 1 or args.steps < 1 or args.workers < 1:
+        parser.error("--seeds, --steps and --workers must be >= 1")
     if not 0.0 <= args.equal_frac <= 1.0 or args.ivc_coef < 0:
         parser.error("--equal-frac must be in [0, 1] and --ivc-coef >= 0")
     return args
@@ -216,16 +236,20 @@ def draw_from_p_t(target: MixtureTarget, n: int, t, generator):
     return s, (1 - t) * eps + t * a1
 
 
-def truth_on_gap_grid(target: MixtureTarget, n: int, ode_steps: int, generator) -> list[dict]:
-    """For each gap g in GAPS: t ~ U(0, 1 - g), r = t + g, x ~ p_t, and u*(x, t, r). Computed once per
-    target and shared by every variant and seed, so their errors are measured on the same points."""
-    tgt64, grid = target.double(), []
-    for g in GAPS:
-        t = (1 - g) * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+def truth_probes(target: MixtureTarget, n: int, ode_steps: int, generator) -> list[dict]:
+    """Points where the learned u is compared with the truth, computed once per target and shared by
+    every variant and seed. First the boundary: t ~ U(0, 1), r = t, x ~ p_t, where u* = v*. Then, for
+    each gap g in GAPS, t held at 0 and r = g: x is the noise itself and u*(x, 0, g) is the mean
+    velocity that carries it to time g, so g = 1 is exactly the map the one-step sampler uses. (With
+    t ~ U(0, 1 - g) instead, t and the gap would change together along the curve.)"""
+    tgt64, probes = target.double(), []
+    for name, t_fn, gap in [("boundary", lambda: torch.rand(n, 1, generator=generator, dtype=torch.float64), 0.0)] + \
+                           [(f"t=0, r-t={g}", lambda: torch.zeros(n, 1, dtype=torch.float64), g) for g in GAPS]:
+        t = t_fn()
         s, x = draw_from_p_t(target, n, t, generator)
-        u_star = true_mean_velocity(tgt64, s, x, t, t + g, ode_steps)
-        grid.append(dict(gap=g, s=s, x=x, t=t, r=t + g, u_star=u_star, v_star=true_velocity(tgt64, s, x, t)))
-    return grid
+        u_star = true_mean_velocity(tgt64, s, x, t, t + gap, ode_steps)
+        probes.append(dict(name=name, gap=gap, s=s, x=x, t=t, r=t + gap, u_star=u_star, v_star=true_velocity(tgt64, s, x, t)))
+    return probes
 
 
 # ================================================================================================
@@ -297,41 +321,78 @@ def euler(net, obs, eps, num_steps: int):
 class Variant:
     name: str
     loss_fn: object  # (net, obs, a1, generator) -> scalar loss
-    samplers: dict  # sample name -> (net, obs, eps) -> samples (N, 2)
+    samplers: dict  # sample name -> (label, (net, obs, eps) -> samples (N, 2)); the last one is the curve's
     has_mean_velocity: bool  # False for flow matching: u(x, t, r) is only trained at r = t
 
 
-def make_variants(args: ToyArgs) -> list[Variant]:
-    """The four variants of the module docstring. Same steps, not the same compute: the mean-flow
+def make_variants(args: ToyArgs) -> dict[str, Variant]:
+    """Every variant the toy can train, by name. Same steps, not the same compute: the mean-flow
     variants pay a JVP and a second forward per step (mvp.policy_loss evaluates L_IVC even at lambda
-    = 0), flow matching one forward."""
-    return [
-        Variant("mf", mean_flow_loss_fn(0.0, 0.0), {"mf": one_step_unclipped}, True),
-        Variant("mvp", mean_flow_loss_fn(args.ivc_coef, 0.0), {"mvp": one_step_unclipped}, True),
-        Variant("meanflow", mean_flow_loss_fn(0.0, args.equal_frac), {"meanflow": one_step_unclipped}, True),
-        Variant("fm", flow_matching_loss,
-                {"fm_1step": lambda n, o, e: euler(n, o, e, 1), "fm_10step": lambda n, o, e: euler(n, o, e, 10)}, False),
+    = 0), flow matching one forward. The last three are MVP with the other (t, r) samplers of mvp.py."""
+    def mean_flow(name, label, ivc_coef, equal_frac=0.0, **sampler):
+        return Variant(name, mean_flow_loss_fn(ivc_coef, equal_frac, **sampler), {name: (label, one_step_unclipped)}, True)
+    variants = [
+        mean_flow("mf", "L_MF only (λ = 0), 1 step", 0.0),
+        mean_flow("mvp", f"MVP (λ = {args.ivc_coef:g}), 1 step", args.ivc_coef),
+        mean_flow("meanflow", f"MeanFlow ({args.equal_frac:.0%} r = t), 1 step", 0.0, args.equal_frac),
+        Variant("fm", flow_matching_loss, {"fm_1step": ("flow matching, 1 Euler step", lambda n, o, e: euler(n, o, e, 1)),
+                                           "fm_10step": ("flow matching, 10 Euler steps", lambda n, o, e: euler(n, o, e, 10))}, False),
+        mean_flow("mvp_logitnormal", "MVP, logit-normal (t, r), 1 step", args.ivc_coef, sampler="logit_normal"),
+        mean_flow("mvp_gap", "MVP, r - t ~ U(0, 1), 1 step", args.ivc_coef, sampler="gap_uniform"),
+        mean_flow("mvp_onestep", "MVP, 25% of rows at (0, 1), 1 step", args.ivc_coef, one_step_frac=0.25),
     ]
+    return {v.name: v for v in variants}
 
 
 # ================================================================================================
-# Training and evaluation of one (target, variant, seed)
+# Training one (target, variant, seed), in a worker process
 # ================================================================================================
-def train(target: MixtureTarget, variant: Variant, seed: int, args: ToyArgs) -> mvp.MeanVelocityNet:
-    """Fresh target samples each step (the toy has infinite data), Adam with linear decay to 0."""
+def train(target: MixtureTarget, variant: Variant, seed: int, args: ToyArgs):
+    """Fresh target samples each step (the toy has infinite data), Adam with linear decay to 0.
+
+    Returns the network and its learning curve: SW2 of the variant's main sampler (its last), measured
+    as the final numbers are, --curve-points times during training, so one can see where it flattens."""
     torch.manual_seed(seed)  # same seed -> same initial weights for every variant
     gen = torch.Generator().manual_seed(seed)
     net = mvp.MeanVelocityNet(obs_dim=1, act_dim=2, hidden_dim=args.hidden_dim, num_layers=args.num_layers)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / args.steps)  # short runs end cleaner with decay
-    for _ in range(args.steps):
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / args.steps)  # runs end cleaner with decay
+    every, curve = max(args.steps // max(args.curve_points, 1), 1), []
+    sampler = list(variant.samplers.values())[-1][1]
+    for step in range(1, args.steps + 1):
         obs = target.sample_states(args.batch_size, gen)
         loss = variant.loss_fn(net, obs, target.sample(obs, gen), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return net
+        if args.curve_points and (step % every == 0 or step == args.steps) and (not curve or curve[-1][0] != step):
+            curve.append((step, sample_distance(net, sampler, target, args.eval_samples, CURVE_SEED)))
+    return net, curve
+
+
+def train_job(job: tuple) -> tuple:
+    """One (target, variant, seed) for a worker process: the trained weights and the learning curve."""
+    target_name, variant_name, seed, args = job
+    torch.set_num_threads(1)  # networks this small run fastest on one core without intra-op threads
+    net, curve = train(TARGETS[target_name](), make_variants(args)[variant_name], seed, args)
+    return job[:3], net.state_dict(), curve
+
+
+def run_jobs(jobs: list, workers: int):
+    """Yield train_job's results as they finish: in this process, or in `workers` spawned processes."""
+    if workers <= 1:
+        yield from map(train_job, jobs)
+        return
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap_unordered(train_job, jobs)
+
+
+# ================================================================================================
+# Evaluation: distances to the target, the error of u against the truth
+# ================================================================================================
+CURVE_SEED, EVAL_SEED = 777, 12345  # the same evaluation noise and points for every variant and seed
 
 
 def eval_states(target: MixtureTarget) -> list[float]:
@@ -340,24 +401,22 @@ def eval_states(target: MixtureTarget) -> list[float]:
 
 
 @torch.no_grad()
-def distances(net, variant: Variant, target: MixtureTarget, args: ToyArgs, eval_seed: int) -> dict:
-    """SW_2 between samples and fresh target samples, averaged over eval_states. The same noise
-    (eval_seed) is used for every variant and seed."""
-    gen = torch.Generator().manual_seed(eval_seed)
-    out = {name: [] for name in variant.samplers}
+def sample_distance(net, sampler, target: MixtureTarget, n: int, seed: int) -> float:
+    """SW_2 between n samples of `sampler` and n fresh target samples, averaged over eval_states."""
+    gen, vals = torch.Generator().manual_seed(seed), []
     for s_val in eval_states(target):
-        obs = torch.full((args.eval_samples, 1), s_val)
-        eps = torch.randn(args.eval_samples, 2, generator=gen)
-        ref = target.sample(obs, gen)
-        for name, sampler in variant.samplers.items():
-            out[name].append(sliced_wasserstein(sampler(net, obs, eps), ref).item())
-    return {name: sum(v) / len(v) for name, v in out.items()}
+        obs = torch.full((n, 1), s_val)
+        eps = torch.randn(n, 2, generator=gen)
+        vals.append(sliced_wasserstein(sampler(net, obs, eps), target.sample(obs, gen)).item())
+    return sum(vals) / len(vals)
 
 
-def distance_floor(target: MixtureTarget, args: ToyArgs, eval_seed: int, repeats: int = 3) -> list[float]:
+def distance_floor(target: MixtureTarget, args: ToyArgs, repeats: int = 10) -> list[float]:
     """SW_2 between two independent target sample sets, `repeats` times: what a perfect sampler would
-    score, and (its spread) how much of a difference between variants is sampling noise."""
-    gen = torch.Generator().manual_seed(eval_seed + 1)
+    score, and (its spread) how much of a difference between variants is sampling noise. On the
+    mixtures most of it is the multinomial noise of how many samples land in each mode: moving the
+    surplus of one mode to another costs a mode spacing per sample."""
+    gen = torch.Generator().manual_seed(EVAL_SEED + 1)
     out = []
     for _ in range(repeats):
         vals = []
@@ -369,191 +428,48 @@ def distance_floor(target: MixtureTarget, args: ToyArgs, eval_seed: int, repeats
 
 
 @torch.no_grad()
-def mean_velocity_errors(net, grid: list[dict], instantaneous_only: bool) -> list[float]:
-    """Mean over points of ||u_theta(x, t, r) - u*(x, t, r)||^2, one value per gap.
+def mean_velocity_errors(net, probes: list[dict], instantaneous_only: bool) -> list[float]:
+    """Mean over points of ||u_theta(x, t, r) - u*(x, t, r)||^2, one value per probe set.
 
     For flow matching (instantaneous_only) the network is evaluated at r = t: its v(x, t), used as
     a one-step Euler estimate of the mean velocity, which is what its 1-step sampler does."""
     errs = []
-    for g in grid:
-        r = g["t"] if instantaneous_only else g["r"]
-        u = net(g["s"].float(), g["x"].float(), g["t"].float(), r.float()).double()
-        errs.append((u - g["u_star"]).square().sum(-1).mean().item())
+    for p in probes:
+        r = p["t"] if instantaneous_only else p["r"]
+        u = net(p["s"].float(), p["x"].float(), p["t"].float(), r.float()).double()
+        errs.append((u - p["u_star"]).square().sum(-1).mean().item())
     return errs
 
 
-# ================================================================================================
-# Report: table, JSON, figure
-# ================================================================================================
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))  # sample std
+IVC_TIMES = (0.2, 0.5, 0.8)  # times t of the boundary maps u(x, t, t) against v*(x, t) in the IVC figure
 
 
-SAMPLE_LABELS = {"mf": "L_MF only, 1 step", "mvp": "MVP, 1 step", "meanflow": "MeanFlow, 1 step",
-                 "fm_1step": "flow matching, 1 Euler step", "fm_10step": "flow matching, 10 Euler steps"}
-# Which variant's u* error goes with which sampler row (fm_10step uses the same network as fm_1step).
-ERROR_OF_SAMPLER = {"mf": "mf", "mvp": "mvp", "meanflow": "meanflow", "fm_1step": "fm"}
+@torch.no_grad()
+def boundary_maps(net, target: MixtureTarget, n: int = 81, extent: float = 5.5) -> dict:
+    """On an n x n grid of x, at each t in IVC_TIMES: ||u(x, t, t) - v*(x, t)||, and the density p_t(x)
+    for contours (unconditional targets, s = 0). a_t = (1 - t) eps + t a1 with a1 from component k is
+    N(t m_k, ((1 - t)^2 + t^2 std_k^2) I), so p_t is a Gaussian mixture too."""
+    tgt64, axis = target.double(), torch.linspace(-extent, extent, n, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1).reshape(-1, 2)
+    s, out = torch.zeros(x.shape[0], 1, dtype=torch.float64), {}
+    for t_val in IVC_TIMES:
+        t = torch.full((x.shape[0], 1), t_val, dtype=torch.float64)
+        u = net(s.float(), x.float(), t.float(), t.float()).double()
+        err = (u - true_velocity(tgt64, s, x, t)).norm(dim=-1)
+        var = (1 - t_val) ** 2 + t_val ** 2 * tgt64.stds ** 2  # (K,)
+        d2 = (x[:, None, :] - t_val * tgt64.means[None]).square().sum(-1)  # (N, K)
+        density = (tgt64.weights * torch.exp(-d2 / (2 * var)) / (2 * math.pi * var)).sum(-1)
+        out[t_val] = dict(err=err.reshape(n, n).numpy(), density=density.reshape(n, n).numpy())
+    return dict(extent=extent, maps=out)
 
 
-def markdown_table(results: dict) -> str:
-    rows = ["| target | sampler | SW2 to target (mean ± std) | u* MSE at r-t=0 | u* MSE at r-t=0.5 | u* MSE at r-t=1 |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for tname, res in results.items():
-        m, s = mean_std(res["sw_floor"])
-        rows.append(f"| {tname} | (floor: target vs. fresh target samples) | {m:.3f} ± {s:.3f} | | | |")
-        for sname, label in SAMPLE_LABELS.items():
-            m, s = mean_std(res["sw"][sname])
-            err = res["u_err_summary"].get(ERROR_OF_SAMPLER.get(sname))
-            cells = [f"{err[g]['mean']:.4f} ± {err[g]['std']:.4f}" for g in ("0.0", "0.5", "1.0")] if err else ["", "", ""]
-            if sname == "fm_1step":
-                cells[1:] = [c + " (v as proxy)" for c in cells[1:]]
-            rows.append(f"| {tname} | {label} | {m:.3f} ± {s:.3f} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def plot(results: dict, samples: dict, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(SAMPLE_LABELS)
-    ncols = len(names) + 2  # target, one column per sampler, error curves
-    fig, axes = plt.subplots(len(results), ncols, figsize=(2.35 * ncols + 1.2, 2.5 * len(results)), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1] * (ncols - 1) + [2.0]))
-    colors = {"mf": "tab:red", "mvp": "tab:blue", "meanflow": "tab:green", "fm": "tab:gray"}
-    curve_labels = {"mf": "L_MF only", "mvp": "MVP", "meanflow": "MeanFlow", "fm": "flow matching: v(x,t) as proxy"}
-    for row, (tname, res) in enumerate(results.items()):
-        panels = [("target", samples[tname]["target"])] + [(n, samples[tname][n]) for n in names]
-        for col, (name, by_state) in enumerate(panels):
-            ax = axes[row, col]
-            for i, (s_val, pts) in enumerate(by_state.items()):
-                ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, color=f"C{i}" if len(by_state) > 1 else "k",
-                           label=f"s={s_val:+.1f}", rasterized=True)
-            ax.set_xlim(-5.5, 5.5), ax.set_ylim(-5.5, 5.5), ax.set_aspect("equal")
-            ax.set_xticks([]), ax.set_yticks([])
-            if name == "target":
-                ax.set_title(f"{tname}: target", fontsize=9)
-                ax.set_ylabel(tname, fontsize=10)
-                if len(by_state) > 1:
-                    ax.legend(fontsize=6, markerscale=5, loc="lower left", handletextpad=0.1, borderpad=0.2)
-            else:
-                m, s = mean_std(res["sw"][name])
-                ax.set_title(f"{SAMPLE_LABELS[name]}\nSW2 {m:.3f} ± {s:.3f}", fontsize=8)
-        ax = axes[row, -1]
-        gaps = list(GAPS)
-        for name, color in colors.items():
-            curve = res["u_err_summary"][name]
-            mu = [curve[str(g)]["mean"] for g in gaps]
-            sd = [curve[str(g)]["std"] for g in gaps]
-            ax.plot(gaps, mu, "s--" if name == "fm" else "o-", color=color, ms=3, label=curve_labels[name])
-            ax.fill_between(gaps, [max(a - b, 1e-6) for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                            color=color, alpha=0.15)
-        ax.plot(gaps, [res["true_v_as_proxy"][str(g)] for g in gaps], ":", color="k", label="true v*(x,t) as proxy")
-        ax.set_yscale("log")
-        # Zoom on the mean-flow variants; the two proxies grow ~30x larger and leave through the top.
-        mf_curves = [res["u_err_summary"][n][str(g)]["mean"] for n in ("mf", "mvp", "meanflow") for g in gaps]
-        ax.set_ylim(min(mf_curves + [res["u_err_summary"]["fm"]["0.0"]["mean"]]) / 2, max(mf_curves) * 5)
-        ax.set_xlabel("r - t", fontsize=8)
-        ax.set_ylabel("E ||u(x,t,r) - u*(x,t,r)||^2", fontsize=8)
-        ax.set_title(f"{tname}: error of u vs. true u* (± std, seeds)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3, which="both")
-        if row == 0:
-            ax.legend(fontsize=6, loc="lower right")
-    fig.suptitle("Samples of seed 0 (SW2 to the target: mean ± std over seeds) and the mean-velocity error on "
-                 "x ~ p_t against r - t (r - t = 1 is the one-step map)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ================================================================================================
-# The (t, r) sampler study: MVP with each sampler, same seeds and steps
-# ================================================================================================
-SAMPLERS = {"uniform (sorted, default)": {}, "logit_normal": dict(sampler="logit_normal"),
-            "gap_uniform": dict(sampler="gap_uniform"), "uniform + 25% (0, 1) rows": dict(one_step_frac=0.25)}
-
-
-def sampler_study(args: ToyArgs) -> dict:
-    """SW2 of one-step samples and u* error at every gap for MVP (lambda = --ivc-coef) under each sampler."""
-    eval_seed, out = 12345, {}
-    for target in [TARGETS[n]() for n in args.targets.split(",")]:
-        grid = truth_on_gap_grid(target, args.eval_points, args.ode_steps, torch.Generator().manual_seed(eval_seed))
-        out[target.name] = {"floor": distance_floor(target, args, eval_seed)}
-        for name, kw in tqdm(SAMPLERS.items(), desc=target.name, unit="sampler"):
-            variant = Variant(name, mean_flow_loss_fn(args.ivc_coef, 0.0, **kw), {name: one_step_unclipped}, True)
-            nets = [train(target, variant, seed, args) for seed in range(args.seeds)]
-            out[target.name][name] = dict(sw=[distances(n, variant, target, args, eval_seed)[name] for n in nets],
-                                          u_err=[mean_velocity_errors(n, grid, False) for n in nets])
-    rows = ["| target | (t, r) sampler | SW2 one-step (mean ± std) | " + " | ".join(f"u* MSE r-t={g}" for g in GAPS) + " |",
-            "| --- | --- | --- | " + " | ".join("---" for _ in GAPS) + " |"]
-    for tname, res in out.items():
-        rows.append(f"| {tname} | (floor) | {'%.3f ± %.3f' % mean_std(res['floor'])} | " + " | ".join("" for _ in GAPS) + " |")
-        for name in SAMPLERS:
-            errs = [mean_std([e[i] for e in res[name]["u_err"]]) for i in range(len(GAPS))]
-            rows.append(f"| {tname} | {name} | {'%.3f ± %.3f' % mean_std(res[name]['sw'])} | "
-                        + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in errs) + " |")
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "samplers.json"), "w") as f:
-        json.dump(dict(config=dataclasses.asdict(args), gaps=list(GAPS), results=out), f, indent=1)
-    return dict(results=out, table="\n".join(rows))
-
-
-# ================================================================================================
-# Main
-# ================================================================================================
-def reference_numbers(target: MixtureTarget, grid: list[dict], args: ToyArgs, eval_seed: int) -> dict:
-    """Numbers that need no training: the SW floor, how far v* is from u* (the error of a perfect
-    instantaneous velocity used as a one-step estimate), and a check of the RK4 integration."""
-    coarse = [true_mean_velocity(target.double(), g["s"], g["x"], g["t"], g["r"], max(args.ode_steps // 2, 1))
-              for g in grid]  # the same u* with half the RK4 steps: their difference bounds the error
-    return dict(conditional=target.conditional,
-                sw_floor=distance_floor(target, args, eval_seed),
-                true_v_as_proxy={str(g["gap"]): (g["v_star"] - g["u_star"]).square().sum(-1).mean().item() for g in grid},
-                ode_check_max_abs_diff=max((c - g["u_star"]).abs().max().item() for c, g in zip(coarse, grid)))
-
-
-def summarize_curves(u_err: dict) -> dict:
-    """{variant: [per-seed list over GAPS]} -> {variant: {gap: {mean, std}}}."""
-    return {name: {str(g): dict(zip(("mean", "std"), mean_std([curve[i] for curve in curves])))
-                   for i, g in enumerate(GAPS)} for name, curves in u_err.items()}
-
-
-def run(args: ToyArgs) -> dict:
-    t_start = time.time()
-    os.makedirs(args.out_dir, exist_ok=True)
-    targets = [TARGETS[n]() for n in args.targets.split(",")]
-    variants = make_variants(args)
-    eval_seed = 12345  # the same eval noise and points for every variant and seed
-    results, samples = {}, {}
-    bar = tqdm(total=len(targets) * args.seeds * len(variants), desc="training", unit="run")
-    for target in targets:
-        grid = truth_on_gap_grid(target, args.eval_points, args.ode_steps, torch.Generator().manual_seed(eval_seed))
-        res = reference_numbers(target, grid, args, eval_seed)
-        res.update(sw={n: [] for n in SAMPLE_LABELS}, u_err={v.name: [] for v in variants})
-        gen = torch.Generator().manual_seed(eval_seed)
-        samples[target.name] = {"target": {s: target.sample(torch.full((2000, 1), s), gen).numpy()
-                                           for s in scatter_states(target)}}
-        for seed in range(args.seeds):
-            for variant in variants:
-                bar.set_postfix_str(f"{target.name} seed {seed} {variant.name}")
-                net = train(target, variant, seed, args)
-                for name, value in distances(net, variant, target, args, eval_seed).items():
-                    res["sw"][name].append(value)
-                res["u_err"][variant.name].append(mean_velocity_errors(net, grid, not variant.has_mean_velocity))
-                if seed == 0:
-                    samples[target.name].update(scatter_samples(net, variant, target))
-                bar.update(1)
-        res["u_err_summary"] = summarize_curves(res["u_err"])
-        results[target.name] = res
-    bar.close()
-    plot(results, samples, os.path.join(args.out_dir, "toy_2d.png"))
-    report = dict(config=dataclasses.asdict(args), gaps=list(GAPS), time_sampler=TIME_SAMPLER,
-                  seconds=round(time.time() - t_start, 1), results=results)
-    with open(os.path.join(args.out_dir, "toy_2d.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+@torch.no_grad()
+def boundary_error_at(net, target: MixtureTarget, t_val: float, n: int = 4096) -> float:
+    """E_{x ~ p_t} ||u(x, t, t) - v*(x, t)||^2 at one time t, on fixed points."""
+    t = torch.full((n, 1), t_val, dtype=torch.float64)
+    s, x = draw_from_p_t(target, n, t, torch.Generator().manual_seed(EVAL_SEED))
+    u = net(s.float(), x.float(), t.float(), t.float()).double()
+    return (u - true_velocity(target.double(), s, x, t)).square().sum(-1).mean().item()
 
 
 def scatter_states(target: MixtureTarget) -> list[float]:
@@ -567,29 +483,223 @@ def scatter_samples(net, variant: Variant, target: MixtureTarget, n: int = 2000)
     out = {name: {} for name in variant.samplers}
     for s_val in scatter_states(target):
         obs, eps = torch.full((n, 1), s_val), torch.randn(n, 2, generator=gen)
-        for name, sampler in variant.samplers.items():
+        for name, (_, sampler) in variant.samplers.items():
             out[name][s_val] = sampler(net, obs, eps).numpy()
     return out
 
 
+# ================================================================================================
+# Report: table, JSON, figures
+# ================================================================================================
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))  # sample std
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    return "%.*f ± %.*f" % (digits, mean_std(values)[0], digits, mean_std(values)[1])
+
+
+def markdown_table(results: dict, variants: dict) -> str:
+    """One row per sampler: SW2 of its samples, and its network's errors against the truth."""
+    rows = ["| target | sampler | SW2 to target | boundary error, t ~ U(0, 1) | u* error, t = 0, r = 0.5 | u* error, t = 0, r = 1 |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    col = {g: 1 + GAPS.index(g) for g in (0.5, 1.0)}  # probe 0 is the boundary
+    for tname, res in results.items():
+        rows.append(f"| {tname} | (floor: target vs fresh target samples) | {fmt(res['sw_floor'])} | | | |")
+        for variant in variants.values():
+            errs = res["u_err"][variant.name]
+            for i, (sname, (label, _)) in enumerate(variant.samplers.items()):
+                cells = [fmt([e[0] for e in errs])] + [fmt([e[col[g]] for e in errs]) for g in (0.5, 1.0)]
+                if not variant.has_mean_velocity:
+                    cells[1:] = [c + " (v as proxy)" for c in cells[1:]]
+                if i > 0:  # a second sampler of the same network
+                    cells = ["", "", ""]
+                rows.append(f"| {tname} | {label} | {fmt(res['sw'][sname])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+COLORS = {"mf": "tab:red", "mvp": "tab:blue", "meanflow": "tab:green", "fm": "tab:gray",
+          "mvp_logitnormal": "tab:purple", "mvp_gap": "tab:orange", "mvp_onestep": "tab:brown"}
+SCATTER = ("mf", "mvp", "meanflow", "fm_1step", "fm_10step")  # sample panels, where they were trained
+
+
+def plot(results: dict, samples: dict, variants: dict, path: str):
+    """Per target: samples of seed 0, the u* error against r - t at t = 0, and SW2 during training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {s: lab for v in variants.values() for s, (lab, _) in v.samplers.items()}
+    panels = [s for s in SCATTER if s in labels]
+    ncols = len(panels) + 3
+    fig, axes = plt.subplots(len(results), ncols, figsize=(2.3 * ncols + 2.4, 2.6 * len(results) + 0.8), squeeze=False,
+                             gridspec_kw=dict(width_ratios=[1] * (ncols - 2) + [1.8, 1.8]))
+    for row, (tname, res) in enumerate(results.items()):
+        for col, name in enumerate(["target"] + panels):
+            ax, by_state = axes[row, col], samples[tname][name]
+            for i, (s_val, pts) in enumerate(by_state.items()):
+                ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, color=f"C{i}" if len(by_state) > 1 else "k",
+                           label=f"s={s_val:+.1f}", rasterized=True)
+            ax.set_xlim(-5.5, 5.5), ax.set_ylim(-5.5, 5.5), ax.set_aspect("equal")
+            ax.set_xticks([]), ax.set_yticks([])
+            if name == "target":
+                ax.set_title(f"{tname}: target", fontsize=9)
+                if len(by_state) > 1:
+                    ax.legend(fontsize=6, markerscale=5, loc="lower left", handletextpad=0.1, borderpad=0.2)
+            else:
+                ax.set_title(f"{labels[name]}\nSW2 {fmt(res['sw'][name])}", fontsize=7)
+        ax = axes[row, -2]
+        for vname, curves in res["u_err"].items():
+            mu, sd = zip(*[mean_std([c[1 + i] for c in curves]) for i in range(len(GAPS))])
+            ax.plot(GAPS, mu, "s--" if vname == "fm" else "o-", color=COLORS[vname], ms=3,
+                    label="flow matching: v(x, 0) as proxy" if vname == "fm" else labels[vname].rsplit(",", 1)[0])
+            ax.fill_between(GAPS, [max(a - b, 1e-6) for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
+                            color=COLORS[vname], alpha=0.15)
+        ax.plot(GAPS, res["true_v_as_proxy"], ":", color="k", label="true v*(x, 0) as proxy")
+        ax.set_yscale("log")
+        mean_flow = [mean_std([c[1 + i] for c in curves])[0] for v, curves in res["u_err"].items() if v != "fm"
+                     for i in range(len(GAPS))]
+        if mean_flow:  # zoom on the mean-flow variants; the two proxies grow far larger and leave through the top
+            ax.set_ylim(min(mean_flow) / 2, max(mean_flow) * 5)
+        ax.set_xlabel("r - t, with t = 0 (r - t = 1: the one-step map)", fontsize=7)
+        ax.set_ylabel("E ||u(x, 0, r) - u*(x, 0, r)||^2", fontsize=7)
+        ax.set_title(f"{tname}: error of u against the true u* (± std, seeds)", fontsize=8)
+        ax = axes[row, -1]
+        for vname, curves in res["curve"].items():
+            steps = [s for s, _ in curves[0]]
+            if not steps:  # --curve-points 0
+                continue
+            mu, sd = zip(*[mean_std([c[i][1] for c in curves]) for i in range(len(steps))])
+            ax.plot(steps, mu, "o-", color=COLORS[vname], ms=2, label=list(variants[vname].samplers.values())[-1][0])
+            ax.fill_between(steps, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
+                            color=COLORS[vname], alpha=0.15)
+        ax.axhline(mean_std(res["sw_floor"])[0], color="k", ls=":", label="floor")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step", fontsize=7)
+        ax.set_ylabel("SW2 to target", fontsize=7)
+        ax.set_title(f"{tname}: SW2 during training", fontsize=8)
+        for ax in axes[row, -2:]:
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3, which="both")
+            if row == 0:
+                ax.legend(fontsize=5)
+    fig.suptitle("One-step samples of seed 0 (SW2: mean ± std over seeds), the mean-velocity error on the maps "
+                 "that start from noise, and SW2 while training", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ivc(ivc: dict, path: str):
+    """The picture of what IVC does: for lambda = 0 and lambda = 1 (seed 0), the one-step samples and the
+    error of the boundary u(x, t, t) against the true velocity v*(x, t) at a few t, over contours of p_t."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    rows = [v for v in ("mf", "mvp") if v in ivc["maps"]]
+    fig, axes = plt.subplots(len(rows), 1 + len(IVC_TIMES), figsize=(2.6 * (1 + len(IVC_TIMES)) + 1.0, 2.9 * len(rows)),
+                             squeeze=False, layout="constrained")
+    ext = ivc["maps"][rows[0]]["extent"]
+    norm = LogNorm(vmin=0.03, vmax=max(m["err"].max() for v in rows for m in ivc["maps"][v]["maps"].values()))
+    for row, vname in enumerate(rows):
+        pts = ivc["samples"][vname]
+        ax = axes[row, 0]
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, color="k", rasterized=True)
+        ax.set_title(f"{ivc['labels'][vname]}\nSW2 {ivc['sw'][vname]}", fontsize=8)
+        for col, (t_val, m) in enumerate(ivc["maps"][vname]["maps"].items(), start=1):
+            ax = axes[row, col]
+            im = ax.imshow(m["err"], origin="lower", extent=(-ext, ext, -ext, ext), norm=norm, cmap="magma")
+            ax.contour(m["density"], levels=4, origin="lower", extent=(-ext, ext, -ext, ext), colors="w", linewidths=0.5)
+            ax.set_title(f"|u(x,t,t) - v*(x,t)| at t = {t_val}\nE over p_t of its square: {ivc['mse'][vname][col - 1]:.3f}", fontsize=8)
+        for ax in axes[row]:
+            ax.set_xlim(-ext, ext), ax.set_ylim(-ext, ext), ax.set_aspect("equal")
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=axes[:, 1:], shrink=0.8, label="|u(x, t, t) - v*(x, t)|")
+    fig.suptitle(f"{ivc['target']}: the boundary u(x, t, t) that IVC pins, without (top) and with (bottom) IVC. "
+                 "White: contours of p_t", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================================================
+# Main
+# ================================================================================================
+def reference_numbers(target: MixtureTarget, probes: list[dict], args: ToyArgs) -> dict:
+    """Numbers that need no training: the SW floor, how far v* is from u* (the error of a perfect
+    instantaneous velocity used as a one-step estimate), and a check of the RK4 integration."""
+    coarse = [true_mean_velocity(target.double(), p["s"], p["x"], p["t"], p["r"], max(args.ode_steps // 2, 1))
+              for p in probes]  # the same u* with half the RK4 steps: their difference bounds the error
+    return dict(conditional=target.conditional, sw_floor=distance_floor(target, args),
+                true_v_as_proxy=[(p["v_star"] - p["u_star"]).square().sum(-1).mean().item() for p in probes[1:]],
+                ode_check_max_abs_diff=max((c - p["u_star"]).abs().max().item() for c, p in zip(coarse, probes)))
+
+
+def run(args: ToyArgs) -> dict:
+    """Train every (target, seed, variant), in parallel worker processes, and evaluate each in this one."""
+    t_start = time.time()
+    os.makedirs(args.out_dir, exist_ok=True)
+    targets = {n: TARGETS[n]() for n in args.target_list}
+    variants = {n: v for n, v in make_variants(args).items() if n in args.variant_list}
+    results, samples, probes, ivc = {}, {}, {}, None
+    for name, target in targets.items():
+        probes[name] = truth_probes(target, args.eval_points, args.ode_steps, torch.Generator().manual_seed(EVAL_SEED))
+        res = reference_numbers(target, probes[name], args)
+        res.update(sw={s: [None] * args.seeds for v in variants.values() for s in v.samplers},
+                   u_err={v: [None] * args.seeds for v in variants}, curve={v: [None] * args.seeds for v in variants})
+        results[name] = res
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        samples[name] = {"target": {s: target.sample(torch.full((2000, 1), s), gen).numpy() for s in scatter_states(target)}}
+    jobs = [(t, v, seed, args) for seed in range(args.seeds) for t in targets for v in variants]
+    ivc_target = next(iter(targets))
+    if not targets[ivc_target].conditional and {"mf", "mvp"} & set(variants):
+        ivc = dict(target=ivc_target, maps={}, samples={}, sw={}, mse={}, labels={})
+    for (tname, vname, seed), state, curve in tqdm(run_jobs(jobs, args.workers), total=len(jobs), desc="training", unit="run"):
+        target, variant, res = targets[tname], variants[vname], results[tname]
+        net = mvp.MeanVelocityNet(obs_dim=1, act_dim=2, hidden_dim=args.hidden_dim, num_layers=args.num_layers)
+        net.load_state_dict(state)
+        for sname, (_, sampler) in variant.samplers.items():
+            res["sw"][sname][seed] = sample_distance(net, sampler, target, args.eval_samples, EVAL_SEED)
+        res["u_err"][vname][seed] = mean_velocity_errors(net, probes[tname], not variant.has_mean_velocity)
+        res["curve"][vname][seed] = curve
+        if seed == 0:
+            samples[tname].update(scatter_samples(net, variant, target))
+            if ivc and tname == ivc_target and vname in ("mf", "mvp"):
+                ivc["maps"][vname] = boundary_maps(net, target)
+                ivc["samples"][vname] = samples[tname][vname][0.0]
+                ivc["labels"][vname] = variant.samplers[vname][0]
+                ivc["sw"][vname] = "%.3f (seed 0)" % res["sw"][vname][0]
+                ivc["mse"][vname] = [boundary_error_at(net, target, t_val) for t_val in IVC_TIMES]
+    plot(results, samples, variants, os.path.join(args.out_dir, "toy_2d.png"))
+    if ivc:
+        plot_ivc(ivc, os.path.join(args.out_dir, "toy_2d_ivc.png"))
+    report = dict(config=dataclasses.asdict(args), gaps=list(GAPS), time_sampler=TIME_SAMPLER,
+                  seconds=round(time.time() - t_start, 1), results=results,
+                  ivc_boundary_mse=ivc and dict(times=list(IVC_TIMES), **ivc["mse"]))
+    with open(os.path.join(args.out_dir, "toy_2d.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    report["table"] = markdown_table(results, variants)
+    return report
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # Networks this small run fastest on one core without intra-op threads, and the toy should not
-    # crowd out other work on a small machine. Restored afterwards, so importing or calling main()
-    # from the tests leaves the process as it was.
+    # The training runs in worker processes with one thread each; this process only evaluates. One
+    # thread here too, restored afterwards, so calling main() from the tests leaves the process as it was.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = sampler_study(args) if args.sampler_study else run(args)
+        report = run(args)
     finally:
         torch.set_num_threads(threads)
-    if args.sampler_study:
-        print(report["table"] + f"\n\n{args.seeds} seeds x {args.steps} steps; wrote {args.out_dir}/samplers.json")
-        return report
-    print(markdown_table(report["results"]))
-    print(f"\nSW2: sliced Wasserstein-2 over {args.eval_samples} samples, 32 directions; u* MSE on "
-          f"{args.eval_points} points x ~ p_t per gap. {args.seeds} seeds x {args.steps} steps, "
-          f"{report['seconds']:.0f} s. Wrote {args.out_dir}/toy_2d.png and toy_2d.json")
+    print(report["table"])
+    print(f"\nSW2: sliced Wasserstein-2 over {args.eval_samples} samples, 32 directions; errors on {args.eval_points} "
+          f"points per probe. {args.seeds} seeds x {args.steps} steps, {report['seconds']:.0f} s with "
+          f"{args.workers} worker(s). Wrote toy_2d.png, toy_2d.json{' and toy_2d_ivc.png' if report['ivc_boundary_mse'] else ''} "
+          f"in {args.out_dir}")
+    return report
 
 
 if __name__ == "__main__":
