@@ -1030,6 +1030,32 @@ def test_conditional_target_rotates_with_the_state():
     assert torch.allclose(m[1], target.means @ rot.T, atol=1e-6)
 
 
+def test_error_measures_are_zero_for_the_truth_and_exact_for_an_offset():
+    """The toy's probes sit where they say (boundary r = t; then t = 0, r = gap), and its error measures
+    give 0 for a network that returns the true u* / v* and |d|^2 for one that is off by a constant d.
+    boundary_maps' p_t integrates to 1 over its grid."""
+    target = toy_2d.ring8()
+    probes = toy_2d.truth_probes(target, 256, 100, torch.Generator().manual_seed(0))
+    assert torch.equal(probes[0]["r"], probes[0]["t"]) and 0 < probes[0]["t"].min() < probes[0]["t"].max() < 1
+    assert [p["gap"] for p in probes[1:]] == list(toy_2d.GAPS)
+    assert all(torch.all(p["t"] == 0) and torch.all(p["r"] == p["gap"]) for p in probes[1:])
+    d = torch.tensor([0.3, -0.4])  # |d|^2 = 0.25
+
+    def oracle(offset):
+        def net(s, x, t, r):
+            return toy_2d.true_mean_velocity(target.double(), s.double(), x.double(), t.double(), r.double(), 100).float() + offset
+        return net
+    assert max(toy_2d.mean_velocity_errors(oracle(0.0), probes, False)) < 1e-8
+    assert toy_2d.mean_velocity_errors(oracle(d), probes, False) == pytest.approx([0.25] * len(probes), rel=1e-4)
+    assert toy_2d.boundary_error_at(oracle(0.0), target, 0.5) < 1e-8
+    assert toy_2d.boundary_error_at(oracle(d), target, 0.5) == pytest.approx(0.25, rel=1e-4)
+    maps = toy_2d.boundary_maps(oracle(d), target, n=161)
+    cell = (2 * maps["extent"] / 160) ** 2
+    for m in maps["maps"].values():
+        assert m["density"].sum() * cell == pytest.approx(1.0, abs=0.02)
+        assert m["err"] == pytest.approx(0.5, rel=1e-4)  # |d| everywhere
+
+
 # ---------------------------------------------------------------------------------------------
 # Samplers against mvp.py
 # ---------------------------------------------------------------------------------------------

@@ -366,7 +366,7 @@ def train(target: MixtureTarget, variant: Variant, seed: int, args: ToyArgs):
         loss.backward()
         opt.step()
         sched.step()
-        if args.curve_points and (step % every == 0 or step == args.steps) and (not curve or curve[-1][0] != step):
+        if args.curve_points and (step % every == 0 or step == args.steps):
             curve.append((step, sample_distance(net, sampler, target, args.eval_samples, CURVE_SEED)))
     return net, curve
 
@@ -509,13 +509,11 @@ def markdown_table(results: dict, variants: dict) -> str:
         rows.append(f"| {tname} | (floor: target vs fresh target samples) | {fmt(res['sw_floor'])} | | | |")
         for variant in variants.values():
             errs = res["u_err"][variant.name]
-            for i, (sname, (label, _)) in enumerate(variant.samplers.items()):
-                cells = [fmt([e[0] for e in errs])] + [fmt([e[col[g]] for e in errs]) for g in (0.5, 1.0)]
-                if not variant.has_mean_velocity:
-                    cells[1:] = [c + " (v as proxy)" for c in cells[1:]]
-                if i > 0:  # a second sampler of the same network
-                    cells = ["", "", ""]
+            proxy = "" if variant.has_mean_velocity else " (v as proxy)"
+            cells = [fmt([e[0] for e in errs])] + [fmt([e[col[g]] for e in errs]) + proxy for g in (0.5, 1.0)]
+            for sname, (label, _) in variant.samplers.items():  # a second sampler of the same network: no error cells
                 rows.append(f"| {tname} | {label} | {fmt(res['sw'][sname])} | " + " | ".join(cells) + " |")
+                cells = ["", "", ""]
     return "\n".join(rows)
 
 
