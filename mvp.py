@@ -1561,8 +1561,19 @@ RESUME_FORMAT = 1
 KEEP_CHECKPOINTS = 2  # the newest two, so a checkpoint cut short by a kill always has a good predecessor
 
 
-def check_run_dir(run_dir: str):
-    """Fail before training, not hours later, if the run directory cannot be written."""
+def check_run_dir(run_dir: str, fresh: bool):
+    """Fail before training, not hours later, if the run directory cannot be written. A fresh run never
+    writes over another run's checkpoints; logs left by one that died before its first checkpoint go."""
+    done = os.path.exists(os.path.join(run_dir, "summary.json"))
+    if fresh and (done or glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt"))):
+        raise SystemExit(f"error: the run directory {run_dir} already holds a {'finished' if done else 'resumable'} run; "
+                         + ("" if done else f"continue it with `python mvp.py --resume {run_dir}`, or ")
+                         + "pass another --run-dir")
+    stale = [p for p in glob.glob(os.path.join(run_dir, "*.csv")) if fresh]
+    if stale:
+        print(f"[mvp] {run_dir} has the logs of a run that left no checkpoint: starting it over", flush=True)
+    for path in stale:
+        os.remove(path)
     try:
         os.makedirs(run_dir, exist_ok=True)
         probe = os.path.join(run_dir, ".write_test")
@@ -1751,7 +1762,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     device = pick_device(args.device, args.threads, args.matmul_precision)
     env_name = resolve_env_name(args.env)
     run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
-    check_run_dir(run_dir)
+    check_run_dir(run_dir, fresh=resume is None)
     if resume is None:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)

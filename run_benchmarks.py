@@ -19,6 +19,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -406,6 +407,8 @@ def suite_commands(opts) -> list[tuple[str, list[str]]]:
                 d = run_dir_of(opts.out_dir, task, method, seed)
                 cmd = [sys.executable, os.path.join(HERE, "mvp.py"), "--env", task, "--seed", str(seed),
                        "--run-dir", d, *PRESETS[opts.preset], *METHODS[method], *opts.extra]
+                if glob.glob(os.path.join(d, "checkpoints", "resume-*.pt")):
+                    cmd += ["--resume", d]  # an interrupted run goes on; mvp.py refuses it if the flags changed
                 cmds.append((d, cmd))
     return cmds
 
@@ -413,8 +416,9 @@ def suite_commands(opts) -> list[tuple[str, list[str]]]:
 def run_logged(run_dir: str, cmd: list[str]) -> int:
     """Run one training process with its output in <run_dir>/stdout.log (also what a SLURM job runs)."""
     os.makedirs(run_dir, exist_ok=True)
+    env = dict(os.environ, TQDM_MININTERVAL=os.environ.get("TQDM_MININTERVAL", "30"))  # a line per 30 s in the log
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE).returncode
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env).returncode
 
 
 def launch(opts, todo):

@@ -776,6 +776,13 @@ def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
     assert len(lines) == 3 and all("--hidden-dim 256" in l for l in lines)  # the cpu preset
     assert sum("--policy flow --flow-steps 10" in l for l in lines) == 2
     assert not any(os.path.join("mvp", "seed0") in l for l in lines)
+    interrupted = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "flow10", 1)
+    os.makedirs(os.path.join(interrupted, "checkpoints"))
+    open(os.path.join(interrupted, "checkpoints", "resume-0000000500.pt"), "wb").close()
+    run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
+                         "--out-dir", str(tmp_path), "--dry-run"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "mvp.py" in l]
+    assert [l.endswith(f"--resume {interrupted}") for l in lines] == [False, False, True]  # it goes on, not over
 
 
 def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, monkeypatch):
@@ -928,6 +935,25 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(uninterrupted, tm
     assert proc.returncode == 1 and "--ivc-coef 1.0, not 0.5" in proc.stderr
     proc = run_cli("--resume", str(tmp_path), check=False)
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_fresh_run_never_writes_over_another_run(uninterrupted, tmp_path, capsys):
+    """A fresh run into a finished or resumable run's directory is refused (appended eval rows would
+    silently mix two runs); logs of a run that died before its first checkpoint are started over."""
+    proc = run_cli(*RESUMABLE, "--run-dir", str(uninterrupted), check=False)
+    assert proc.returncode == 1 and "already holds a finished run" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resume-0000000100.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match=f"resumable run; continue it with `python mvp.py --resume {tmp_path}`"):
+        mvp.check_run_dir(str(tmp_path), fresh=True)
+    mvp.check_run_dir(str(tmp_path), fresh=False)  # what --resume does
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / "eval.csv").write_text("phase,step,success_rate\noffline,100,0.5\n")
+    mvp.check_run_dir(str(dead), fresh=False)
+    assert (dead / "eval.csv").exists()
+    mvp.check_run_dir(str(dead), fresh=True)
+    assert not (dead / "eval.csv").exists() and "starting it over" in capsys.readouterr().out
 
 
 def test_unwritable_run_dir_and_full_disk_are_reported_before_training(tmp_path, monkeypatch):
