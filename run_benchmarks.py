@@ -62,10 +62,11 @@ PRESETS = {
     "cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "20000", "--online-steps", "20000",
             "--start-training", "2000", "--eval-interval", "10000", "--eval-episodes", "20", "--threads", "1"],
     # the CPU learning check on cube-single (the ladder's first rung): offline only, 150 + 15 generated play
-    # episodes, 2x256 networks, paper batch and N
-    "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "6000", "--online-steps", "0",
-                        "--eval-interval", "2000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
+    # episodes, 2x256 networks, paper batch and N; 15k steps (MVP about 40 min per run), or 6k with -short
+    "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "15000", "--online-steps", "0",
+                        "--eval-interval", "5000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
 }
+PRESETS["cube-single-cpu-short"] = PRESETS["cube-single-cpu"] + ["--offline-steps", "6000", "--eval-interval", "2000"]
 # success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
 REFERENCE = {
     "cube-double-task4": {"flow10": 0.93, "mvp": 0.95},

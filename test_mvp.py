@@ -785,6 +785,13 @@ def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
     assert [l.endswith(f"--resume {interrupted}") for l in lines] == [False, False, True]  # it goes on, not over
 
 
+def test_cube_single_presets_differ_only_in_budget():
+    full, short = (vars(mvp.parse_args(run_benchmarks.PRESETS[k])) for k in ("cube-single-cpu", "cube-single-cpu-short"))
+    assert (full["offline_steps"], full["eval_interval"], short["offline_steps"], short["eval_interval"]) == (15000, 5000, 6000, 2000)
+    assert {k for k in full if full[k] != short[k]} == {"offline_steps", "eval_interval"}
+    assert (short["eval_episodes"], short["dataset_episodes"], short["hidden_dim"], short["online_steps"]) == (20, 150, 256, 0)
+
+
 def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, monkeypatch):
     """--report-only: seeds a method has not run yet are left out of its mean, and nothing is launched."""
     for method, seed, success in [("mvp", 0, 0.2), ("mvp", 1, 0.4), ("flow10", 0, 0.1)]:
