@@ -1564,12 +1564,12 @@ KEEP_CHECKPOINTS = 2  # the newest two, so a checkpoint cut short by a kill alwa
 def check_run_dir(run_dir: str, fresh: bool):
     """Fail before training, not hours later, if the run directory cannot be written. A fresh run never
     writes over another run's checkpoints; logs left by one that died before its first checkpoint go."""
-    done = os.path.exists(os.path.join(run_dir, "summary.json"))
-    if fresh and (done or glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt"))):
-        raise SystemExit(f"error: the run directory {run_dir} already holds a {'finished' if done else 'resumable'} run; "
-                         + ("" if done else f"continue it with `python mvp.py --resume {run_dir}`, or ")
-                         + "pass another --run-dir")
-    stale = [p for p in glob.glob(os.path.join(run_dir, "*.csv")) if fresh]
+    if fresh and os.path.exists(os.path.join(run_dir, "summary.json")):
+        raise SystemExit(f"error: the run directory {run_dir} already holds a finished run; pass another --run-dir")
+    if fresh and glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt")):
+        raise SystemExit(f"error: the run directory {run_dir} already holds a resumable run; continue it with "
+                         f"`python mvp.py --resume {run_dir}`, or pass another --run-dir")
+    stale = glob.glob(os.path.join(run_dir, "*.csv")) if fresh else []
     if stale:
         print(f"[mvp] {run_dir} has the logs of a run that left no checkpoint: starting it over", flush=True)
     for path in stale:
