@@ -99,6 +99,7 @@ class Args:
     # evaluation and logging
     eval_interval: int = field(default=100_000, metadata=dict(help="evaluate every this many steps in each phase (0: only at the end)"))
     eval_episodes: int = field(default=50, metadata=dict(help="episodes per evaluation"))
+    eval_workers: int = field(default=-1, metadata=dict(help="processes that run evaluation episodes, each with a CPU copy of the networks (0: in this process; -1: auto, 0 on CPU, one per spare core up to 16 with CUDA)"))
     log_interval: int = field(default=1_000, metadata=dict(help="write a CSV row every this many updates"))
     # data
     dataset_dir: str | None = field(default=None, metadata=dict(help="dataset directory (default OGBench's ~/.ogbench/data, robomimic's ~/.robomimic)"))
@@ -134,6 +135,8 @@ def parse_args(argv=None) -> Args:
     for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads", "save_interval"]:
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
+    if args.eval_workers < -1:
+        problems.append(f"--eval-workers must be -1 (auto), 0 (in this process) or a number of processes (got {args.eval_workers})")
     if args.bon_block < -1:
         problems.append(f"--bon-block must be -1 (auto), 0 (all states at once) or a block size >= 1 (got {args.bon_block})")
     if args.ivc_coef < 0:
@@ -1482,16 +1485,63 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
 
 
 def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
-             generator, seed: int, desc: str = "eval") -> dict:
+             generator, seed: int, desc: str = "eval", workers: int = 0, worker_init: tuple = ()) -> dict:
     """run_episode's numbers averaged over episodes, for best-of-N and, on the same env seeds, for the
-    behaviour-cloned policy alone (N = 1, columns prefixed bc_): what selection adds over imitation."""
+    behaviour-cloned policy alone (N = 1, columns prefixed bc_): what selection adds over imitation.
+    workers > 0: the episodes run in that many processes (eval_worker_init builds worker_init)."""
     from tqdm import tqdm
+    jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
+    if workers:
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing as mp
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                                 initializer=_init_eval_worker, initargs=worker_init) as pool:
+            eps = list(tqdm(pool.map(_eval_episode, jobs), total=len(jobs), desc=f"{desc} ({workers} processes)",
+                            leave=False, dynamic_ncols=True))
+    else:
+        eps = [run_episode(learner, env, s, n, h, g, device, generator)
+               for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False, dynamic_ncols=True)]
     res = {}
-    for prefix, n in (("", num_candidates), ("bc_", 1)):
-        eps = [run_episode(learner, env, seed + ep, n, chunk_len, discount, device, generator)
-               for ep in tqdm(range(episodes), desc=f"{desc} N={n}", leave=False, dynamic_ncols=True)]
-        res.update({prefix + k: float(np.mean([e[k] for e in eps])) for k in eps[0]})
+    for i, prefix in ((0, ""), (episodes, "bc_")):
+        part = eps[i:i + episodes]
+        res.update({prefix + k: float(np.mean([e[k] for e in part])) for k in part[0]})
     return res
+
+
+# Evaluation in worker processes: env stepping (MuJoCo, on the CPU) dominates an episode, so episodes
+# spread over cores. Each worker holds a CPU float32 copy of the policy and critic and its own env, and
+# seeds each episode's candidate noise from the episode's seed: results do not depend on the worker count.
+_eval_worker = {}
+
+
+def eval_worker_init(learner: Learner, args: Args, env_spec: dict, obs_dim: int, act_dim: int) -> tuple:
+    """What a worker needs: env_spec as env_from_checkpoint reads it, the args, sizes and CPU weights."""
+    nets = {name: {k: v.detach().cpu() for k, v in getattr(learner, name).state_dict().items()}
+            for name in ("policy", "critic")}
+    return env_spec, dataclasses.asdict(args), (obs_dim, act_dim), nets
+
+
+def _init_eval_worker(env_spec: dict, args: dict, dims: tuple, nets: dict):
+    torch.set_num_threads(1)
+    cpu_args = Args(**{**args, "device": "cpu", "cuda_graph": "off", "compile": False})
+    learner = make_learner(*dims, cpu_args, torch.device("cpu"))
+    learner.policy.load_state_dict(nets["policy"])
+    learner.critic.load_state_dict(nets["critic"])
+    _eval_worker.update(learner=learner, env=env_from_checkpoint(env_spec))
+
+
+def eval_processes(requested: int, device) -> int:
+    """--eval-workers resolved: -1 (auto) is this process on a CPU run, one per spare core (at most 16) with CUDA."""
+    if requested >= 0:
+        return requested
+    return min(16, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+
+
+def _eval_episode(job) -> dict:
+    num_candidates, seed, chunk_len, discount = job
+    gen = torch.Generator().manual_seed(seed)
+    return run_episode(_eval_worker["learner"], _eval_worker["env"], seed, num_candidates, chunk_len, discount,
+                       torch.device("cpu"), gen)
 
 
 # ---- logging and checkpoints ---------------------------------------------------------------------
@@ -1705,11 +1755,12 @@ def load_resume_checkpoint(run_dir: str):
 
 def resume_args(args: Args):
     """Settings of the run being resumed; flags given now must agree with them, except those that say
-    where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision)."""
+    where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision,
+    eval_workers)."""
     path, state = load_resume_checkpoint(args.resume)
     names = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in state["args"].items() if k in names})
-    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision"}
+    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "eval_workers"}
     for k in sorted(getattr(args, "_explicit", set()) & names - how - {"resume", "run_dir"}):
         given, kept = getattr(args, k), getattr(saved, k)
         if k == "env":
@@ -1772,6 +1823,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
     dataset, new_env = load_task(env_name, args)
     env, eval_env = new_env(), new_env()
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    eval_workers = eval_processes(args.eval_workers, device)
+    env_spec = dict(env_name=env_name, env_args=json.dumps(getattr(new_env, "env_args", None)))
     learner = make_learner(obs_dim, action_dim * args.chunk_len, args, device)
     buffer = ReplayBuffer(dataset, len(dataset["observations"]) + args.online_steps, device)
     check_disk_space(run_dir, learner, args.online_steps, obs_dim, action_dim)
@@ -1804,8 +1857,10 @@ def train(args: Args, resume: dict | None = None) -> dict:
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
         start = time.time()
+        init = eval_worker_init(learner, args, env_spec, obs_dim, action_dim * args.chunk_len) if eval_workers else ()
         res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
-                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}")
+                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}", workers=eval_workers,
+                       worker_init=init)
         row = dict(phase=phase, step=step, **res)
         eval_log.write(row)
         evals.append(row)
@@ -1922,8 +1977,11 @@ def eval_only(args: Args) -> dict:
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
     gen = seed_everything(args.seed, device)
+    workers = eval_processes(args.eval_workers, device)
+    env_spec = {k: ckpt.get(k) for k in ("env_name", "env_args")}
+    init = eval_worker_init(learner, saved, env_spec, ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len) if workers else ()
     res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   saved.discount, device, gen, seed=10_000 * (args.seed + 1))
+                   saved.discount, device, gen, seed=10_000 * (args.seed + 1), workers=workers, worker_init=init)
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
     return res
 
