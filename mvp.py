@@ -85,6 +85,7 @@ class Args:
     chunk_len: int = field(default=5, metadata=dict(help="action chunk length h"))
     num_candidates: int = field(default=32, metadata=dict(help="best-of-N candidates N"))
     bon_block: int = field(default=-1, metadata=dict(help="states scored per best-of-N block in the critic target (same result, less memory; -1: 32 on CPU, all at once on CUDA; 0: all at once)"))
+    select_dtype: str = field(default="float32", metadata=dict(help="float32 | bfloat16: generate and score the critic target's N candidates under bfloat16 autocast; the chosen chunk's value stays float32 [choice]"))
     # policy: MVP, or the flow-matching baselines that share everything else
     policy: str = field(default="mvp", metadata=dict(help="mvp (one-step mean flow) | flow (Q-chunking's flow matching, --flow-steps Euler steps)"))
     flow_steps: int = field(default=10, metadata=dict(help="Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)"))
@@ -137,6 +138,8 @@ def parse_args(argv=None) -> Args:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.eval_workers < -1:
         problems.append(f"--eval-workers must be -1 (auto), 0 (in this process) or a number of processes (got {args.eval_workers})")
+    if args.select_dtype not in ("float32", "bfloat16"):
+        problems.append(f"--select-dtype must be float32 or bfloat16 (got {args.select_dtype!r})")
     if args.bon_block < -1:
         problems.append(f"--bon-block must be -1 (auto), 0 (all states at once) or a block size >= 1 (got {args.bon_block})")
     if args.ivc_coef < 0:
@@ -401,9 +404,15 @@ def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=o
 # RL losses: chunked critic target, critic loss, Polyak update
 # ================================================================================================
 def critic_target(policy, critic, target_critic, next_obs, reward_sum, mask, discount: float,
-                  chunk_len: int, num_candidates: int, generator, sample=one_step, block: int = 0):
-    """y = sum_{i<h} gamma^i r_{k+i} + gamma^h * mask * mean_K Q_target(s_{k+h}, a*_{k+h})."""
-    next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator, sample, block)  # selected with the online critic
+                  chunk_len: int, num_candidates: int, generator, sample=one_step, block: int = 0,
+                  select_dtype=torch.float32):
+    """y = sum_{i<h} gamma^i r_{k+i} + gamma^h * mask * mean_K Q_target(s_{k+h}, a*_{k+h}).
+
+    select_dtype=torch.bfloat16 runs the selection (N candidates per state, most of an update's
+    arithmetic) under autocast [choice]; a* is then valued in float32 like the rest."""
+    with torch.autocast(next_obs.device.type, dtype=select_dtype, enabled=select_dtype != torch.float32):
+        next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator, sample, block)  # selected with the online critic
+    next_a, cand_q = next_a.float(), cand_q.float()
     next_q = target_critic(next_obs, next_a).mean(dim=0)  # (B,)
     y = reward_sum + discount ** chunk_len * mask * next_q  # Eq. chunked n-step target
     return y, cand_q
@@ -437,6 +446,7 @@ class Learner:
     loss: Callable  # loss(policy, obs, a1, valid, chunk_len, generator) -> (loss, info)
     sample: Callable  # sample(policy, obs, eps) -> action chunks in [-1, 1]
     bon_block: int = 0  # states per best-of-N block over a batch (0: all at once)
+    select_dtype: torch.dtype = torch.float32  # of the critic target's best-of-N selection
     cuda_graph: bool = False  # replay train steps and acting as CUDA graphs (class CUDAGraphed)
     graphs: dict = field(default_factory=dict)  # recorded acting graphs, by (N, generator)
 
@@ -464,14 +474,14 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
     # capturable: its step count stays on the GPU, so the step can be recorded in a CUDA graph
     opt = functools.partial(torch.optim.Adam, lr=args.lr, fused=device_type in ("cpu", "cuda"), capturable=cuda_graph)
     return Learner(policy, critic, target_critic, opt(policy.parameters()), opt(critic.parameters()), loss, sample,
-                   bon_block, cuda_graph)
+                   bon_block, getattr(torch, args.select_dtype), cuda_graph)
 
 
 def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
     """One gradient step on the critic and one on the policy; returns device tensors (no sync)."""
     y, cand_q = critic_target(learner.policy, learner.critic, learner.target_critic, batch["next_obs"],
                               batch["reward_sum"], batch["mask"], args.discount, args.chunk_len,
-                              args.num_candidates, generator, learner.sample, learner.bon_block)
+                              args.num_candidates, generator, learner.sample, learner.bon_block, learner.select_dtype)
     c_loss, c_info = critic_loss(learner.critic, batch["obs"], batch["actions"], y, batch["valid"][:, -1])
     learner.critic_opt.zero_grad(set_to_none=True)
     c_loss.backward()
@@ -1756,11 +1766,11 @@ def load_resume_checkpoint(run_dir: str):
 def resume_args(args: Args):
     """Settings of the run being resumed; flags given now must agree with them, except those that say
     where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision,
-    eval_workers)."""
+    select_dtype, eval_workers)."""
     path, state = load_resume_checkpoint(args.resume)
     names = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in state["args"].items() if k in names})
-    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "eval_workers"}
+    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype", "eval_workers"}
     for k in sorted(getattr(args, "_explicit", set()) & names - how - {"resume", "run_dir"}):
         given, kept = getattr(args, k), getattr(saved, k)
         if k == "env":

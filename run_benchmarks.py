@@ -54,6 +54,8 @@ MODES = {
     "graph-tf32": ["--cuda-graph", "auto", "--matmul-precision", "high"],
     "graph-tf32-compile": ["--cuda-graph", "auto", "--matmul-precision", "high", "--compile"],
 }
+# each mode again with the critic target's best-of-N selection in bfloat16 (--select-dtype)
+MODES.update({f"{k}-bf16": v + ["--select-dtype", "bfloat16"] for k, v in list(MODES.items())})
 PRESETS = {
     # the spec's protocol: mvp.py's defaults (1M offline + 1M online, 4x512, batch 256, N = 32, 50 eval episodes)
     "paper": [],
@@ -194,8 +196,8 @@ def latency_ceiling(policy_ms: float, critic_ms: float, steps: int = 10) -> floa
 def speed(opts) -> dict:
     device = mvp.pick_device(opts.device, opts.threads)
     modes = opts.modes or (["eager", "graph", "graph-tf32"] if device.type == "cuda" else ["eager"])
-    if device.type != "cuda" and set(modes) - {"eager"}:
-        raise SystemExit("error: --modes graph and graph-tf32 need a CUDA device")
+    if device.type != "cuda" and set(modes) - {"eager", "eager-bf16"}:
+        raise SystemExit("error: on a CPU --modes can only be eager and eager-bf16 (the others use CUDA graphs)")
     env = mvp.make_env(mvp.resolve_env_name("cube-double-task1"))
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     obs0, _ = env.reset(seed=0)

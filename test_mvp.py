@@ -284,6 +284,24 @@ def test_critic_target_formula():
     assert torch.allclose(y, expected)
 
 
+def test_bfloat16_selection_values_the_chosen_chunk_in_float32():
+    """--select-dtype bfloat16: the N candidates are generated and scored under autocast, then a* is valued by
+    the target critic in float32; the bfloat16 scores pick the float32 winner on (nearly) every state."""
+    torch.manual_seed(0)
+    learner = mvp.make_learner(6, 10, mvp.Args(hidden_dim=64, num_layers=2), torch.device("cpu"))
+    next_obs, reward_sum, mask = torch.randn(64, 6), -torch.rand(64), (torch.rand(64) > 0.2).float()
+    nets = (learner.policy, learner.critic, learner.target_critic)
+    y, cand_q = mvp.critic_target(*nets, next_obs, reward_sum, mask, 0.99, 2, 8, torch.Generator().manual_seed(3),
+                                  select_dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_star, q_bf16 = mvp.best_of_n(learner.policy, learner.critic, next_obs, 8, torch.Generator().manual_seed(3))
+    assert a_star.dtype == torch.float32 and q_bf16.dtype == torch.bfloat16 and y.dtype == cand_q.dtype == torch.float32
+    assert torch.equal(y, reward_sum + 0.99 ** 2 * mask * learner.target_critic(next_obs, a_star).mean(0))
+    _, q_fp32 = mvp.best_of_n(learner.policy, learner.critic, next_obs, 8, torch.Generator().manual_seed(3))
+    assert (q_bf16.float() - q_fp32).abs().max() < 0.02 < q_fp32.std(dim=1).mean()
+    assert (q_bf16.argmax(dim=1) == q_fp32.argmax(dim=1)).float().mean() >= 0.9
+
+
 def test_polyak():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = a.weight.detach().clone()
@@ -661,6 +679,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--time-sampler", "beta"], "--time-sampler must be uniform, logit_normal or gap_uniform"),
     (["--one-step-frac", "1.5"], "--one-step-frac must be in [0, 1]"),
     (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
+    (["--select-dtype", "float16"], "--select-dtype must be float32 or bfloat16"),
     (["--eval-workers", "-3"], "--eval-workers must be -1 (auto), 0 (in this process) or a number"),
 ])
 def test_bad_arguments(argv, message):
@@ -859,6 +878,17 @@ def test_speed_writes_table_with_ratios(tmp_path):
     assert parts["policy_call_ms"] > 0 and parts["critic_call_ms"] > 0 and "cannot exceed" in md
     assert parts["flow10_latency_ratio_ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(
         parts["policy_call_ms"], parts["critic_call_ms"], 10))
+
+
+def test_speed_compares_bfloat16_selection_on_cpu_and_refuses_graph_modes(tmp_path):
+    tiny = ["--device", "cpu", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8", "--num-candidates", "4",
+            "--repeats", "1", "--seconds", "0.1", "--latency-calls", "2", "--out-dir", str(tmp_path)]
+    out = run_benchmarks.main(["speed", "--methods", "mvp", "flow10", "--modes", "eager", "eager-bf16", *tiny])
+    assert set(out["results"]) == {f"{m} {mode}" for m in ("mvp", "flow10") for mode in ("eager", "eager-bf16")}
+    assert out["results"]["mvp eager-bf16"]["updates_ratio_vs_eager"] > 0
+    assert run_benchmarks.MODES["graph-tf32-compile-bf16"][-2:] == ["--select-dtype", "bfloat16"]
+    with pytest.raises(SystemExit, match="only be eager and eager-bf16"):
+        run_benchmarks.main(["speed", "--modes", "graph-tf32-bf16", *tiny])
 
 
 def test_latency_ceiling_formula():
