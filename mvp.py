@@ -1502,12 +1502,7 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
     from tqdm import tqdm
     jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
     if workers:
-        from concurrent.futures import ProcessPoolExecutor
-        import multiprocessing as mp
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                                 initializer=_init_eval_worker, initargs=worker_init) as pool:
-            eps = list(tqdm(pool.map(_eval_episode, jobs), total=len(jobs), desc=f"{desc} ({workers} processes)",
-                            leave=False, dynamic_ncols=True))
+        eps = _episodes_in_workers(jobs, workers, worker_init, desc)
     else:
         eps = [run_episode(learner, env, s, n, h, g, device, generator)
                for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False, dynamic_ncols=True)]
@@ -1538,6 +1533,28 @@ def _init_eval_worker(env_spec: dict, args: dict, dims: tuple, nets: dict):
     learner.policy.load_state_dict(nets["policy"])
     learner.critic.load_state_dict(nets["critic"])
     _eval_worker.update(learner=learner, env=env_from_checkpoint(env_spec))
+
+
+def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str) -> list:
+    """_eval_episode over jobs in `workers` spawned processes. They start with Ctrl-C ignored: it is the
+    training process's, which saves after the evaluation; a second Ctrl-C drops the episodes not started."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
+    import signal
+    from tqdm import tqdm
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
+                             initializer=_init_eval_worker, initargs=worker_init) as pool:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes map() starts
+        try:
+            results = pool.map(_eval_episode, jobs)
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        try:
+            return list(tqdm(results, total=len(jobs), desc=f"{desc} ({workers} processes)", leave=False,
+                             dynamic_ncols=True))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def eval_processes(requested: int, device) -> int:

@@ -967,6 +967,26 @@ def test_ctrl_c_saves_and_says_how_to_resume(data_dir, uninterrupted, tmp_path):
     assert _losses(run) == _losses(uninterrupted)  # an interruption in the offline phase resumes exactly
 
 
+def test_ctrl_c_during_an_evaluation_in_worker_processes_saves_after_it(data_dir, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the evaluation workers ignore it, the
+    evaluation finishes and is logged, then the run saves and stops as it does without workers."""
+    run, log_path = tmp_path / "run", tmp_path / "log"
+    argv = [*TINY, "--dataset-dir", data_dir, "--offline-steps", "300", "--online-steps", "0", "--eval-interval", "100",
+            "--eval-episodes", "2", "--eval-workers", "2", "--threads", "1", "--run-dir", str(run)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mvp.py"), *argv], cwd=HERE, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log_path = log_path
+    _wait_for(lambda: "(2 processes)" in open(log_path).read(), proc)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=600)
+    out = open(log_path).read()
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert [r["step"] for r in read_csv(run / "eval.csv")] == ["100"]
+    assert [p.name for p in (run / "checkpoints").glob("resume-*.pt")] == ["resume-0000000100.pt"]
+
+
 def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, capsys):
     import shutil as sh
     run = tmp_path / "run"
