@@ -412,7 +412,7 @@ def critic_target(policy, critic, target_critic, next_obs, reward_sum, mask, dis
     arithmetic) under autocast [choice]; a* is then valued in float32 like the rest."""
     with torch.autocast(next_obs.device.type, dtype=select_dtype, enabled=select_dtype != torch.float32):
         next_a, cand_q = best_of_n(policy, critic, next_obs, num_candidates, generator, sample, block)  # selected with the online critic
-    next_a, cand_q = next_a.float(), cand_q.float()
+    cand_q = cand_q.float()  # a* is float32 already: float32 noise plus a bfloat16 velocity
     next_q = target_critic(next_obs, next_a).mean(dim=0)  # (B,)
     y = reward_sum + discount ** chunk_len * mask * next_q  # Eq. chunked n-step target
     return y, cand_q
@@ -1495,14 +1495,19 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
 
 
 def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
-             generator, seed: int, desc: str = "eval", workers: int = 0, worker_init: tuple = ()) -> dict:
+             generator, seed: int, desc: str = "eval", workers: int = 0, args: Args | None = None,
+             task: dict | None = None) -> dict:
     """run_episode's numbers averaged over episodes, for best-of-N and, on the same env seeds, for the
     behaviour-cloned policy alone (N = 1, columns prefixed bc_): what selection adds over imitation.
-    workers > 0: the episodes run in that many processes (eval_worker_init builds worker_init)."""
+    workers (--eval-workers) > 0 runs the episodes in processes that rebuild the learner from args and
+    the env from task (a checkpoint's env_name, env_args, obs_dim, action_dim)."""
     from tqdm import tqdm
     jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
+    workers = eval_processes(workers, device)
     if workers:
-        eps = _episodes_in_workers(jobs, workers, worker_init, desc)
+        nets = {name: {k: v.detach().cpu() for k, v in getattr(learner, name).state_dict().items()}
+                for name in ("policy", "critic")}
+        eps = _episodes_in_workers(jobs, workers, (task, dataclasses.asdict(args), nets), desc)
     else:
         eps = [run_episode(learner, env, s, n, h, g, device, generator)
                for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False, dynamic_ncols=True)]
@@ -1519,20 +1524,13 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
 _eval_worker = {}
 
 
-def eval_worker_init(learner: Learner, args: Args, env_spec: dict, obs_dim: int, act_dim: int) -> tuple:
-    """What a worker needs: env_spec as env_from_checkpoint reads it, the args, sizes and CPU weights."""
-    nets = {name: {k: v.detach().cpu() for k, v in getattr(learner, name).state_dict().items()}
-            for name in ("policy", "critic")}
-    return env_spec, dataclasses.asdict(args), (obs_dim, act_dim), nets
-
-
-def _init_eval_worker(env_spec: dict, args: dict, dims: tuple, nets: dict):
+def _init_eval_worker(task: dict, args: dict, nets: dict):
     torch.set_num_threads(1)
-    cpu_args = Args(**{**args, "device": "cpu", "cuda_graph": "off", "compile": False})
-    learner = make_learner(*dims, cpu_args, torch.device("cpu"))
+    cpu_args = Args(**{**args, "cuda_graph": "off"})
+    learner = make_learner(task["obs_dim"], task["action_dim"] * cpu_args.chunk_len, cpu_args, torch.device("cpu"))
     learner.policy.load_state_dict(nets["policy"])
     learner.critic.load_state_dict(nets["critic"])
-    _eval_worker.update(learner=learner, env=env_from_checkpoint(env_spec))
+    _eval_worker.update(learner=learner, env=env_from_checkpoint(task))
 
 
 def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str) -> list:
@@ -1850,8 +1848,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
     dataset, new_env = load_task(env_name, args)
     env, eval_env = new_env(), new_env()
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    eval_workers = eval_processes(args.eval_workers, device)
-    env_spec = dict(env_name=env_name, env_args=json.dumps(getattr(new_env, "env_args", None)))
+    task = dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
+                env_args=json.dumps(getattr(new_env, "env_args", None)))  # what --eval-only needs to rebuild the env
     learner = make_learner(obs_dim, action_dim * args.chunk_len, args, device)
     buffer = ReplayBuffer(dataset, len(dataset["observations"]) + args.online_steps, device)
     check_disk_space(run_dir, learner, args.online_steps, obs_dim, action_dim)
@@ -1884,10 +1882,9 @@ def train(args: Args, resume: dict | None = None) -> dict:
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
         start = time.time()
-        init = eval_worker_init(learner, args, env_spec, obs_dim, action_dim * args.chunk_len) if eval_workers else ()
         res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
-                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}", workers=eval_workers,
-                       worker_init=init)
+                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}",
+                       workers=args.eval_workers, args=args, task=task)
         row = dict(phase=phase, step=step, **res)
         eval_log.write(row)
         evals.append(row)
@@ -1979,9 +1976,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     signal.signal(signal.SIGINT, previous_handler)
     online_rate = (args.online_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
 
-    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args,
-                    dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
-                         env_args=json.dumps(getattr(new_env, "env_args", None))))
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args, task)
     summary = dict(env=env_name, seed=args.seed, device=str(device), offline_steps=args.offline_steps,
                    online_steps=args.online_steps, offline_updates_per_s=round(offline_rate, 2),
                    online_env_steps_per_s=round(online_rate, 2), final_eval=evals[-1] if evals else None, evals=evals,
@@ -2004,11 +1999,10 @@ def eval_only(args: Args) -> dict:
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
     gen = seed_everything(args.seed, device)
-    workers = eval_processes(args.eval_workers, device)
-    env_spec = {k: ckpt.get(k) for k in ("env_name", "env_args")}
-    init = eval_worker_init(learner, saved, env_spec, ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len) if workers else ()
+    task = {k: ckpt.get(k) for k in ("env_name", "env_args", "obs_dim", "action_dim")}
     res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   saved.discount, device, gen, seed=10_000 * (args.seed + 1), workers=workers, worker_init=init)
+                   saved.discount, device, gen, seed=10_000 * (args.seed + 1), workers=args.eval_workers, args=saved,
+                   task=task)
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
     return res
 

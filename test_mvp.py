@@ -633,23 +633,26 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
     assert math.isnan(res["contact_frac"]) and math.isnan(res["bc_contact_frac"]) and np.isfinite(res["q0_mean"])
 
 
-def test_evaluation_in_worker_processes_matches_episodes_run_here():
+def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
     """--eval-workers: the workers act with the learner's own weights, and each episode depends on its seed
     alone (its candidate noise too), so the numbers equal episodes run here and not the worker count."""
     torch.manual_seed(0)
     cpu, args = torch.device("cpu"), mvp.Args(env="cube-single-task1", hidden_dim=16, num_layers=1)
     env_name = mvp.resolve_env_name(args.env)
     env = mvp.make_env(env_name)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0] * args.chunk_len
-    learner = mvp.make_learner(obs_dim, act_dim, args, cpu)
-    init = mvp.eval_worker_init(learner, args, dict(env_name=env_name, env_args="null"), obs_dim, act_dim)
-    res = mvp.evaluate(learner, None, 2, 4, args.chunk_len, args.discount, cpu, None, seed=7, workers=2, worker_init=init)
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, cpu)
+    task = dict(env_name=env_name, env_args="null", obs_dim=obs_dim, action_dim=action_dim)
+    res = mvp.evaluate(learner, None, 2, 4, args.chunk_len, args.discount, cpu, None, seed=7, workers=2, args=args, task=task)
     for prefix, n in (("", 4), ("bc_", 1)):
         here = [mvp.run_episode(learner, env, s, n, args.chunk_len, args.discount, cpu, torch.Generator().manual_seed(s))
                 for s in (7, 8)]
         assert {k: res[prefix + k] for k in here[0]} == {k: float(np.mean([e[k] for e in here])) for k in here[0]}
-    assert mvp.eval_processes(-1, cpu) == 0 and mvp.eval_processes(3, cpu) == 3
-    assert mvp.eval_processes(-1, torch.device("cuda")) == min(16, os.cpu_count() - 1)
+    # auto (-1): in this process on CPU; with CUDA one process per spare core, at most 16
+    for cores, expected in ((40, 16), (8, 7), (1, 0)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert mvp.eval_processes(-1, torch.device("cuda")) == expected and mvp.eval_processes(-1, cpu) == 0
+    assert mvp.eval_processes(3, torch.device("cuda")) == 3
 
 
 def test_same_seed_gives_identical_losses(data_dir, tmp_path):
