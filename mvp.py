@@ -449,6 +449,7 @@ class Learner:
     select_dtype: torch.dtype = torch.float32  # of the critic target's best-of-N selection
     cuda_graph: bool = False  # replay train steps and acting as CUDA graphs (class CUDAGraphed)
     graphs: dict = field(default_factory=dict)  # recorded acting graphs, by (N, generator)
+    eval_generator: torch.Generator | None = None  # evaluation's candidate noise, reseeded from each episode's seed
 
 
 def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
@@ -474,7 +475,7 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
     # capturable: its step count stays on the GPU, so the step can be recorded in a CUDA graph
     opt = functools.partial(torch.optim.Adam, lr=args.lr, fused=device_type in ("cpu", "cuda"), capturable=cuda_graph)
     return Learner(policy, critic, target_critic, opt(policy.parameters()), opt(critic.parameters()), loss, sample,
-                   bon_block, getattr(torch, args.select_dtype), cuda_graph)
+                   bon_block, getattr(torch, args.select_dtype), cuda_graph, eval_generator=torch.Generator(device))
 
 
 def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
@@ -1495,12 +1496,13 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
 
 
 def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
-             generator, seed: int, desc: str = "eval", workers: int = 0, args: Args | None = None,
-             task: dict | None = None) -> dict:
+             seed: int, desc: str = "eval", workers: int = 0, args: Args | None = None, task: dict | None = None) -> dict:
     """run_episode's numbers averaged over episodes, for best-of-N and, on the same env seeds, for the
     behaviour-cloned policy alone (N = 1, columns prefixed bc_): what selection adds over imitation.
-    workers (--eval-workers) > 0 runs the episodes in processes that rebuild the learner from args and
-    the env from task (a checkpoint's env_name, env_args, obs_dim, action_dim)."""
+    Each episode's candidate noise is seeded from its env seed (learner.eval_generator), so evaluating
+    leaves the training's random draws alone. workers (--eval-workers) > 0 runs the episodes in processes
+    that rebuild the learner from args and the env from task (a checkpoint's env_name, env_args, obs_dim,
+    action_dim); on a CPU run the numbers are the same as here."""
     from tqdm import tqdm
     jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
     workers = eval_processes(workers, device)
@@ -1509,7 +1511,7 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
                 for name in ("policy", "critic")}
         eps = _episodes_in_workers(jobs, workers, (task, dataclasses.asdict(args), nets), desc)
     else:
-        eps = [run_episode(learner, env, s, n, h, g, device, generator)
+        eps = [run_episode(learner, env, s, n, h, g, device, learner.eval_generator.manual_seed(s))
                for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False, dynamic_ncols=True)]
     res = {}
     for i, prefix in ((0, ""), (episodes, "bc_")):
@@ -1520,7 +1522,7 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
 
 # Evaluation in worker processes: env stepping (MuJoCo, on the CPU) dominates an episode, so episodes
 # spread over cores. Each worker holds a CPU float32 copy of the policy and critic and its own env, and
-# seeds each episode's candidate noise from the episode's seed: results do not depend on the worker count.
+# seeds each episode's candidate noise from the episode's seed, as evaluate does here.
 _eval_worker = {}
 
 
@@ -1564,9 +1566,9 @@ def eval_processes(requested: int, device) -> int:
 
 def _eval_episode(job) -> dict:
     num_candidates, seed, chunk_len, discount = job
-    gen = torch.Generator().manual_seed(seed)
-    return run_episode(_eval_worker["learner"], _eval_worker["env"], seed, num_candidates, chunk_len, discount,
-                       torch.device("cpu"), gen)
+    learner = _eval_worker["learner"]
+    return run_episode(learner, _eval_worker["env"], seed, num_candidates, chunk_len, discount, torch.device("cpu"),
+                       learner.eval_generator.manual_seed(seed))
 
 
 # ---- logging and checkpoints ---------------------------------------------------------------------
@@ -1883,7 +1885,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         nonlocal eval_seconds
         start = time.time()
         res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
-                       device, gen, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}",
+                       device, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}",
                        workers=args.eval_workers, args=args, task=task)
         row = dict(phase=phase, step=step, **res)
         eval_log.write(row)
@@ -1998,10 +2000,10 @@ def eval_only(args: Args) -> dict:
     learner = make_learner(ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len, saved, device)
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
-    gen = seed_everything(args.seed, device)
+    seed_everything(args.seed, device)
     task = {k: ckpt.get(k) for k in ("env_name", "env_args", "obs_dim", "action_dim")}
     res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   saved.discount, device, gen, seed=10_000 * (args.seed + 1), workers=args.eval_workers, args=saved,
+                   saved.discount, device, seed=10_000 * (args.seed + 1), workers=args.eval_workers, args=saved,
                    task=task)
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
     return res

@@ -615,7 +615,7 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
     learner = mvp.make_learner(2, 2 * h, mvp.Args(hidden_dim=16, num_layers=1), torch.device("cpu"))
     learner.critic = QuadraticCritic(goal=torch.full((2 * h,), 0.5))  # mean_K Q = -1.5 ||chunk - goal||^2: it knows the reward
     env = ReachEnv(goal)
-    res = mvp.evaluate(learner, env, 4, 16, h, gamma, torch.device("cpu"), torch.Generator().manual_seed(0), seed=100)
+    res = mvp.evaluate(learner, env, 4, 16, h, gamma, torch.device("cpu"), seed=100)
     best, alone = env.log[:4], env.log[4:]
     assert [e["seed"] for e in best] == [e["seed"] for e in alone] == [100, 101, 102, 103]  # same env seeds
     for prefix, eps in (("", best), ("bc_", alone)):
@@ -629,13 +629,13 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
     assert not np.array_equal(best[0]["actions"][0], alone[0]["actions"][0])
     assert res["q0_mean"] > res["bc_q0_mean"] + 0.5 and res["return_mean"] > res["bc_return_mean"] + 0.5
     # an env that does not report the info key (robomimic): NaN, not an error
-    res = mvp.evaluate(learner, ReachEnv(goal, contact=False), 1, 4, h, gamma, torch.device("cpu"), torch.Generator(), seed=0)
+    res = mvp.evaluate(learner, ReachEnv(goal, contact=False), 1, 4, h, gamma, torch.device("cpu"), seed=0)
     assert math.isnan(res["contact_frac"]) and math.isnan(res["bc_contact_frac"]) and np.isfinite(res["q0_mean"])
 
 
 def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
     """--eval-workers: the workers act with the learner's own weights, and each episode depends on its seed
-    alone (its candidate noise too), so the numbers equal episodes run here and not the worker count."""
+    alone (its candidate noise too), so the numbers equal those of evaluating here, whatever the worker count."""
     torch.manual_seed(0)
     cpu, args = torch.device("cpu"), mvp.Args(env="cube-single-task1", hidden_dim=16, num_layers=1)
     env_name = mvp.resolve_env_name(args.env)
@@ -643,11 +643,10 @@ def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, cpu)
     task = dict(env_name=env_name, env_args="null", obs_dim=obs_dim, action_dim=action_dim)
-    res = mvp.evaluate(learner, None, 2, 4, args.chunk_len, args.discount, cpu, None, seed=7, workers=2, args=args, task=task)
-    for prefix, n in (("", 4), ("bc_", 1)):
-        here = [mvp.run_episode(learner, env, s, n, args.chunk_len, args.discount, cpu, torch.Generator().manual_seed(s))
-                for s in (7, 8)]
-        assert {k: res[prefix + k] for k in here[0]} == {k: float(np.mean([e[k] for e in here])) for k in here[0]}
+    res = mvp.evaluate(learner, None, 2, 4, args.chunk_len, args.discount, cpu, seed=7, workers=2, args=args, task=task)
+    torch.randn(3)  # the global random state is not what seeds an episode's candidates
+    assert mvp.evaluate(learner, env, 2, 4, args.chunk_len, args.discount, cpu, seed=7) == res
+    assert mvp.evaluate(learner, env, 2, 4, args.chunk_len, args.discount, cpu, seed=9) != res
     # auto (-1): in this process on CPU; with CUDA one process per spare core, at most 16
     for cores, expected in ((40, 16), (8, 7), (1, 0)):
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
@@ -656,11 +655,12 @@ def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
 
 
 def test_same_seed_gives_identical_losses(data_dir, tmp_path):
+    """Also when the runs evaluate different numbers of episodes: evaluation draws none of training's random numbers."""
     losses = []
-    for name in ("a", "b"):
+    for name, episodes in (("a", "1"), ("b", "2")):
         run = tmp_path / name
-        run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "100", "--online-steps", "120",
-                "--start-training", "20", "--eval-interval", "0", "--run-dir", str(run), "--seed", "3")
+        run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "100", "--online-steps", "120", "--eval-episodes",
+                episodes, "--start-training", "20", "--eval-interval", "0", "--run-dir", str(run), "--seed", "3")
         rows = read_csv(run / "offline.csv") + read_csv(run / "online.csv")
         losses.append([(r["critic_loss"], r["mf_loss"], r["ivc_loss"], r["q_mean"]) for r in rows])
     assert losses[0] == losses[1] and len(losses[0]) == 5  # offline 50, 100; online 50, 100, 120
