@@ -2019,6 +2019,13 @@ def main(argv=None):
         return train(args)
     except (DatasetError, NonFiniteLoss) as e:
         raise SystemExit(f"error: {e}")
+    except RuntimeError as e:  # out of memory: torch.OutOfMemoryError on CUDA, the allocator's RuntimeError on CPU
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        tried = re.search(r"[Tt]ried to allocate [0-9.]+ ?[A-Za-z]+", str(e))
+        raise SystemExit(f"error: out of memory ({tried[0].strip() if tried else 'allocation failed'}). Lower --num-candidates, "
+                         f"--batch-size or --hidden-dim (a new run), or score the critic target's best-of-N in blocks "
+                         f"with --bon-block 32 (also with --resume, from the last checkpoint)")
 
 
 if __name__ == "__main__":

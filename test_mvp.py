@@ -690,6 +690,14 @@ def test_bad_arguments(argv, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_out_of_memory_names_the_flags_to_lower(data_dir, tmp_path):
+    # 32 states x 10^9 candidates: terabytes for the first tensor of best-of-N, refused by the allocator at once
+    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--offline-steps", "1", "--online-steps", "0", "--num-candidates",
+                   str(10 ** 9), "--run-dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 1 and "error: out of memory" in proc.stderr and "--num-candidates" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _copy_dataset(src_dir, dst_dir, edit=lambda arrays: None):
     for split in ("", "-val"):
         with np.load(os.path.join(src_dir, f"cube-double-play-v0{split}.npz")) as f:
