@@ -403,13 +403,16 @@ def run_dir_of(out_dir, task, method, seed):
 
 
 def suite_commands(opts) -> list[tuple[str, list[str]]]:
-    cmds = []
+    cmds, share = [], []
+    if opts.launcher == "local" and opts.workers > 1 and "--eval-workers" not in opts.extra:
+        # runs side by side split the spare cores between their evaluation workers (mvp.py's auto takes them all)
+        share = ["--eval-workers", str(min(16, max(0, ((os.cpu_count() or 1) - 1) // opts.workers)))]
     for task in opts.tasks:
         for method in opts.methods:
             for seed in opts.seeds:
                 d = run_dir_of(opts.out_dir, task, method, seed)
                 cmd = [sys.executable, os.path.join(HERE, "mvp.py"), "--env", task, "--seed", str(seed),
-                       "--run-dir", d, *PRESETS[opts.preset], *METHODS[method], *opts.extra]
+                       "--run-dir", d, *PRESETS[opts.preset], *METHODS[method], *share, *opts.extra]
                 if glob.glob(os.path.join(d, "checkpoints", "resume-*.pt")):
                     cmd += ["--resume", d]  # an interrupted run goes on; mvp.py refuses it if the flags changed
                 cmds.append((d, cmd))

@@ -814,7 +814,7 @@ def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["curves_cube-double-task4.png"] and os.path.getsize(paths[0]) > 5000
 
 
-def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
+def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys, monkeypatch):
     finished = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
     os.makedirs(finished)
     open(os.path.join(finished, "summary.json"), "w").write("{}")
@@ -833,6 +833,14 @@ def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys):
                          "--out-dir", str(tmp_path), "--dry-run"])
     lines = [l for l in capsys.readouterr().out.splitlines() if "mvp.py" in l]
     assert [l.endswith(f"--resume {interrupted}") for l in lines] == [False, False, True]  # it goes on, not over
+    assert not any("--eval-workers" in l for l in lines)  # one run at a time: mvp.py's auto
+    # side by side, the runs split the spare cores between their evaluation workers, unless told otherwise
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    for extra, expected in (([], "--eval-workers 3"), (["--extra", "--eval-workers", "1"], "--eval-workers 1")):
+        run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
+                             "--out-dir", str(tmp_path), "--workers", "4", "--dry-run", *extra])
+        lines = [l for l in capsys.readouterr().out.splitlines() if "mvp.py" in l]
+        assert len(lines) == 3 and all(l.count("--eval-workers") == 1 and expected in l for l in lines)
 
 
 def test_cube_single_presets_differ_only_in_budget():
