@@ -406,7 +406,7 @@ def suite_commands(opts) -> list[tuple[str, list[str]]]:
     cmds, share = [], []
     if opts.launcher == "local" and opts.workers > 1 and "--eval-workers" not in opts.extra:
         # runs side by side split the spare cores between their evaluation workers (mvp.py's auto takes them all)
-        share = ["--eval-workers", str(min(16, max(0, ((os.cpu_count() or 1) - 1) // opts.workers)))]
+        share = ["--eval-workers", str(min(16, ((os.cpu_count() or 1) - 1) // opts.workers))]
     for task in opts.tasks:
         for method in opts.methods:
             for seed in opts.seeds:
