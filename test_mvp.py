@@ -1374,10 +1374,11 @@ def test_env_scripted_rollout_succeeds_and_seeding(lift_loaded):
     _, make_env = lift_loaded
     env = make_env()
     state = np.random.get_state()
+    push = np.array([0.5, 0.2, -0.3, 0.1, 0.0, 0.0, 1.0])
     a, _ = env.reset(seed=123)
-    moved = [env.step(np.array([0.5, 0.2, -0.3, 0.1, 0.0, 0.0, 1.0]))[0] for _ in range(20)]
+    moved = [env.step(push)[0] for _ in range(20)]
     b, _ = env.reset(seed=123)  # the same scene and dynamics after an episode in between
-    np.testing.assert_array_equal(moved, [env.step(np.array([0.5, 0.2, -0.3, 0.1, 0.0, 0.0, 1.0]))[0] for _ in range(20)])
+    np.testing.assert_array_equal(moved, [env.step(push)[0] for _ in range(20)])
     c, _ = env.reset(seed=124)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
