@@ -863,9 +863,8 @@ def _make_robosuite_env(env_args: dict, source: str = "env_args"):
 
     robomimic's EnvRobosuite forces has_renderer/has_offscreen_renderer/use_camera_obs False,
     use_object_obs True, ignore_done True (it caps episodes itself) and camera_depths False.
-    hard_reset False [choice]: a reset restores the compiled model instead of recompiling the XML. The
-    scenes are drawn the same way, resets are about 7x faster, and MuJoCo 3.1.6 leaks about 50 file
-    descriptors per compile (its OBJ meshes), so with hard resets a process fails after some 400 episodes."""
+    hard_reset False [choice]: resets restore the compiled model (same scenes, ~7x faster); a recompile per
+    reset leaks ~50 mesh files in MuJoCo 3.1.6, and a process hits the open-file limit in ~400 episodes."""
     robosuite = import_robosuite()
     kwargs = dict(env_args.get("env_kwargs", {}))
     kwargs.update(has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
