@@ -1822,10 +1822,11 @@ def log_row(phase_step: int, info: dict, extra: dict) -> dict:
 
 class StopFlag:
     """Ctrl-C sets a flag that the loops check between steps, so the run saves and exits cleanly;
-    a second Ctrl-C aborts at once."""
+    a second Ctrl-C aborts at once. A failed evaluation (an env or worker crash) is kept in `failure`:
+    the run saves the same way, then raises it."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.failure = False, None
 
     def __call__(self, signum, frame):
         if self.requested:
@@ -1878,17 +1879,26 @@ def train(args: Args, resume: dict | None = None) -> dict:
         tqdm.write(f"[mvp] checkpoint {path} ({phase_tag})")
 
     def interrupted():
-        checkpoint("interrupted")
+        checkpoint("interrupted" if stop.failure is None else "evaluation failed")
         signal.signal(signal.SIGINT, previous_handler)
+        if stop.failure is not None:
+            print(f"[mvp] the evaluation failed (below); the run is saved and a resumed run redoes the evaluation "
+                  f"first. Once its cause is fixed: python mvp.py --resume {run_dir}", flush=True)
+            raise stop.failure
         print(f"[mvp] stopped by Ctrl-C. Resume with: python mvp.py --resume {run_dir}", flush=True)
         raise SystemExit(130)
 
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
         start = time.time()
-        res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
-                       device, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}",
-                       workers=args.eval_workers, args=args, task=task)
+        try:
+            res = evaluate(learner, eval_env, args.eval_episodes, args.num_candidates, args.chunk_len, args.discount,
+                           device, seed=10_000 * (args.seed + 1), desc=f"eval {phase} {step}",
+                           workers=args.eval_workers, args=args, task=task)
+        except Exception as e:  # the loop saves (pos records the evaluation to redo), then raises e
+            stop.failure, pos["failed_eval"] = e, phase
+            return
+        pos.pop("failed_eval", None)
         row = dict(phase=phase, step=step, **res)
         eval_log.write(row)
         evals.append(row)
@@ -1898,6 +1908,12 @@ def train(args: Args, resume: dict | None = None) -> dict:
                    f"{res['q0_mean']:.2f} vs discounted return {res['disc_return_mean']:.2f}, contact {res['contact_frac']:.2f}")
         eval_seconds += time.time() - start
 
+    def redo_failed_eval(phase, bar):  # a run resumed after a failed evaluation first runs it again
+        if pos.get("failed_eval") == phase:
+            run_eval(phase, pos[phase], bar)
+            if stop.failure:
+                interrupted()
+
     # ---- offline: behaviour-clone the dataset's chunks by mean flow, learn Q, select best-of-N ----
     log = CSVLog(os.path.join(run_dir, "offline.csv"))
     bar = tqdm(range(pos["offline"] + 1, args.offline_steps + 1), desc="offline", unit="upd", dynamic_ncols=True,
@@ -1905,6 +1921,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     tick = phase_start = time.time()
     eval_seconds = 0.0
     train_step = make_train_step(learner, buffer, buffer_target, args, gen)
+    redo_failed_eval("offline", bar)
     for step in bar:
         info = train_step()
         monitor.observe(step, info)
@@ -1919,7 +1936,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         pos["offline"] = step
         if args.save_interval and step % args.save_interval == 0:
             checkpoint("periodic")
-        if stop.requested:
+        if stop.requested or stop.failure:
             interrupted()
     bar.close()
     log.close()
@@ -1937,6 +1954,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     tick, updates_since = time.time(), 0
     phase_start, eval_seconds = time.time(), 0.0
     train_step = make_train_step(learner, buffer, imitation, args, gen)
+    redo_failed_eval("online", bar)
     for step in bar:
         if obs is None:
             obs, _ = env.reset()
@@ -1969,7 +1987,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         if save_due and obs is None:  # periodic checkpoints wait for the episode's end: exact resume
             checkpoint("periodic")
             save_due = False
-        if stop.requested:
+        if stop.requested or stop.failure:
             if obs is not None:  # mid-episode: the partial episode ends here, as a time-limit truncation
                 buffer.store["terminals"][buffer.size - 1] = 1.0
                 obs, queue, ep_return, ep_len = None, [], 0.0, 0

@@ -1006,6 +1006,24 @@ def test_ctrl_c_during_an_evaluation_in_worker_processes_saves_after_it(data_dir
     assert [p.name for p in (run / "checkpoints").glob("resume-*.pt")] == ["resume-0000000100.pt"]
 
 
+def test_a_failed_evaluation_saves_and_the_resumed_run_redoes_it(data_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+    """An env or worker crash in an evaluation (here the offline phase's last one) saves the run at that
+    step and re-raises; the resumed run evaluates again first and continues exactly as if nothing failed."""
+    def crash(*a, **k):
+        raise RuntimeError("resource not found (a crashed env)")
+    monkeypatch.setattr(mvp, "evaluate", crash)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="a crashed env"):
+        mvp.main([*RESUMABLE, "--dataset-dir", data_dir, "--run-dir", str(run)])
+    assert f"Once its cause is fixed: python mvp.py --resume {run}" in capsys.readouterr().out
+    assert max(p.name for p in (run / "checkpoints").glob("resume-*.pt")) == "resume-0000000200.pt"
+    monkeypatch.undo()
+    run_cli("--resume", str(run))
+    assert _losses(run) == _losses(uninterrupted)
+    strip = lambda rows: [(r["phase"], r["step"], r["success_rate"], r["return_mean"]) for r in rows]
+    assert strip(read_csv(run / "eval.csv")) == strip(read_csv(uninterrupted / "eval.csv"))
+
+
 def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, capsys):
     import shutil as sh
     run = tmp_path / "run"
