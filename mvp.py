@@ -950,6 +950,18 @@ class RobomimicEnv:
         """robosuite's full observation dict of the last reset/step (the scripted demonstrator reads it)."""
         return self._raw
 
+    @property
+    def unwrapped(self):  # gymnasium's names, which checkpoints use to save and restore the env's RNG
+        return self
+
+    @property
+    def np_random(self) -> np.random.Generator:
+        return self._rng
+
+    @np_random.setter
+    def np_random(self, rng: np.random.Generator):
+        self._rng = rng
+
     def close(self):
         self.env.close()
 

@@ -1413,6 +1413,22 @@ def test_env_scripted_rollout_succeeds_and_seeding(lift_loaded):
     env.close()
 
 
+def test_env_rng_is_saved_and_restored_as_checkpoints_do(lift_loaded):
+    """run_state saves env.unwrapped.np_random's state and restore_run sets a generator from it: the next
+    reset then gives the scene the uninterrupted run would have had."""
+    _, make_env = lift_loaded
+    env = make_env()
+    env.reset(seed=3)
+    saved = dict(env.unwrapped.np_random.bit_generator.state)
+    expected, _ = env.reset()
+    env.reset()
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = saved
+    env.unwrapped.np_random = rng
+    np.testing.assert_array_equal(env.reset()[0], expected)
+    env.close()
+
+
 def test_env_resets_keep_no_files_open(lift_loaded):
     """Resets restore the compiled model (hard_reset False): with a recompile per reset, MuJoCo 3.1.6 kept about
     50 mesh files open per episode, and a Lift run died after some 400 episodes ('resource not found')."""
@@ -1555,8 +1571,10 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
     proc = run_cli("--env", "lift", "--generate-data", "--dataset-episodes", "3", "--dataset-dir", str(tmp_path / "data"),
                    "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "32", "--num-candidates", "4",
                    "--offline-steps", "60", "--online-steps", "80", "--start-training", "20", "--eval-interval", "0",
-                   "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1")
+                   "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1",
+                   "--save-interval", "30")
     assert "SCRIPTED demos" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000030.pt", "resume-0000000060.pt"]
     evals = read_csv(run / "eval.csv")
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
     assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
