@@ -1141,13 +1141,20 @@ def load_robomimic(task: str, dataset_dir: str = None, generate: bool = False, n
 
 
 # ---- scripted demonstrator -------------------------------------------------------------------------
+# Std of the Gaussian noise on the scripted translation actions (the controller saturates at +-1 far from
+# a target). Measured on Lift, 5k offline steps at 2x256 (seed 0, 50 episodes): with std 0.05 the demos
+# are so narrow that the critic cannot rank actions, and best-of-N did worse than the policy alone
+# (0.40 vs 0.96); with 0.3, 0.96 vs 0.98.
+SCRIPTED_NOISE_STD = 0.3
+
+
 class ScriptedPick:
     """A phase machine for scripted demos with OSC_POSE delta actions: reach above an object, descend,
     close the gripper; subclasses add what follows the grasp. Each call returns one 7-D action: a
     proportional move of the end effector towards the phase's target, Gaussian noise on the
     translation (noise_std widens the state coverage of the data), and the gripper command."""
 
-    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0):
+    def __init__(self, rng, noise_std: float = SCRIPTED_NOISE_STD, gain: float = 10.0):
         self.rng, self.noise_std, self.gain = rng, noise_std, gain
         self.phase, self.t_phase = "reach", 0
 
@@ -1203,7 +1210,7 @@ class ScriptedCan(ScriptedPick):
 
     CARRY_Z, DROP_Z = 1.05, 0.95
 
-    def __init__(self, rng, noise_std: float = 0.05, gain: float = 10.0, target_xy=(0.1975, 0.4025)):
+    def __init__(self, rng, noise_std: float = SCRIPTED_NOISE_STD, gain: float = 10.0, target_xy=(0.1975, 0.4025)):
         super().__init__(rng, noise_std, gain)
         self.target_xy = np.asarray(target_xy, dtype=np.float64)
 
@@ -1253,7 +1260,7 @@ def _robomimic_obs(env) -> dict:
     return out
 
 
-def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std: float = 0.05,
+def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std: float = SCRIPTED_NOISE_STD,
                       max_attempts: int = None) -> str:
     """Record num_demos successful scripted demos of `task` in robomimic's HDF5 layout at path.
 
