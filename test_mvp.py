@@ -945,6 +945,10 @@ def _losses(run):
     return {name: [tuple(r[c] for c in LOSS_COLUMNS) for r in read_csv(run / name)] for name in ("offline.csv", "online.csv")}
 
 
+def _evals(run):
+    return [(r["phase"], r["step"], r["success_rate"], r["return_mean"]) for r in read_csv(run / "eval.csv")]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("whole") / "run"
@@ -967,8 +971,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, uninterrupte
     whole, resumed = _losses(uninterrupted), _losses(run)
     assert resumed == whole  # same losses, no duplicate or missing rows
     assert [int(r[0]) for r in resumed["online.csv"]] == list(range(40, 901, 20))
-    strip = lambda rows: [(r["phase"], r["step"], r["success_rate"], r["return_mean"]) for r in rows]
-    assert strip(read_csv(run / "eval.csv")) == strip(read_csv(uninterrupted / "eval.csv"))
+    assert _evals(run) == _evals(uninterrupted)
     assert json.loads((run / "summary.json").read_text())["evals"] == json.loads((uninterrupted / "summary.json").read_text())["evals"]
 
 
@@ -1020,8 +1023,7 @@ def test_a_failed_evaluation_saves_and_the_resumed_run_redoes_it(data_dir, unint
     monkeypatch.undo()
     run_cli("--resume", str(run))
     assert _losses(run) == _losses(uninterrupted)
-    strip = lambda rows: [(r["phase"], r["step"], r["success_rate"], r["return_mean"]) for r in rows]
-    assert strip(read_csv(run / "eval.csv")) == strip(read_csv(uninterrupted / "eval.csv"))
+    assert _evals(run) == _evals(uninterrupted)
 
 
 def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninterrupted, tmp_path, capsys):
