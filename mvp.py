@@ -1141,10 +1141,8 @@ def load_robomimic(task: str, dataset_dir: str = None, generate: bool = False, n
 
 
 # ---- scripted demonstrator -------------------------------------------------------------------------
-# Std of the Gaussian noise on the scripted translation actions (the controller saturates at +-1 far from
-# a target). Measured on Lift, 5k offline steps at 2x256 (seed 0, 50 episodes): with std 0.05 the demos
-# are so narrow that the critic cannot rank actions, and best-of-N did worse than the policy alone
-# (0.40 vs 0.96); with 0.3, 0.96 vs 0.98.
+# Std of the noise on the scripted translation actions. Lift, 5k offline steps at 2x256: with 0.05 the demos
+# were too alike for the critic to rank actions and best-of-N trailed the policy alone (0.40 vs 0.96); 0.3: 0.96 vs 0.98.
 SCRIPTED_NOISE_STD = 0.3
 
 
@@ -1152,7 +1150,7 @@ class ScriptedPick:
     """A phase machine for scripted demos with OSC_POSE delta actions: reach above an object, descend,
     close the gripper; subclasses add what follows the grasp. Each call returns one 7-D action: a
     proportional move of the end effector towards the phase's target, Gaussian noise on the
-    translation (noise_std widens the state coverage of the data), and the gripper command."""
+    translation (noise_std: the spread of actions the critic learns to rank), and the gripper command."""
 
     def __init__(self, rng, noise_std: float = SCRIPTED_NOISE_STD, gain: float = 10.0):
         self.rng, self.noise_std, self.gain = rng, noise_std, gain
@@ -1190,7 +1188,6 @@ class ScriptedLift(ScriptedPick):
     """Reach above the cube, descend, close the gripper, lift: a proportional controller on OSC_POSE deltas.
 
     Reads the cube position from robosuite's observation dict (privileged, fine for a demonstrator).
-    Gaussian noise on the translation actions (noise_std) widens the state coverage of the data.
     The gripper is not turned to the cube's yaw: the cube (about 4 cm) fits the 8 cm opening at any
     yaw and the fingers square it up while closing."""
 
