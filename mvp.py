@@ -110,7 +110,7 @@ class Args:
     data_workers: int = field(default=0, metadata=dict(help="worker processes for generation (0: all cores)"))
     # output
     run_dir: str | None = field(default=None, metadata=dict(help="output directory (default runs/<env>_s<seed>_<time>)"))
-    save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase (0: never; Ctrl-C always saves)"))
+    save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase and at its end (0: never; Ctrl-C always saves)"))
     resume: str | None = field(default=None, metadata=dict(help="continue the run in this directory from its newest good checkpoint"))
     checkpoint: str | None = field(default=None, metadata=dict(help="checkpoint to evaluate with --eval-only"))
     eval_only: bool = field(default=False, metadata=dict(help="only evaluate --checkpoint"))
@@ -1801,12 +1801,19 @@ def load_resume_checkpoint(run_dir: str):
 def resume_args(args: Args):
     """Settings of the run being resumed; flags given now must agree with them, except those that say
     where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision,
-    select_dtype, eval_workers)."""
+    select_dtype, eval_workers) and the phases' lengths, which may grow: a finished run continues."""
     path, state = load_resume_checkpoint(args.resume)
     names = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in state["args"].items() if k in names})
     how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype", "eval_workers"}
-    for k in sorted(getattr(args, "_explicit", set()) & names - how - {"resume", "run_dir"}):
+    explicit, pos = getattr(args, "_explicit", set()), state["pos"]
+    for k in sorted(explicit & {"offline_steps", "online_steps"}):  # a phase may grow, so a finished run continues
+        phase = k.split("_")[0]
+        if getattr(args, k) < pos[phase] or (phase == "offline" and pos["online"] and args.offline_steps != saved.offline_steps):
+            raise SystemExit(f"error: the run in {args.resume} is at offline step {pos['offline']}, online step "
+                             f"{pos['online']}: a phase can only grow, and the offline one only before the online one begins")
+        how = how | {k}
+    for k in sorted(explicit & names - how - {"resume", "run_dir"}):
         given, kept = getattr(args, k), getattr(saved, k)
         if k == "env":
             given, kept = resolve_env_name(given), resolve_env_name(kept)
@@ -1814,7 +1821,7 @@ def resume_args(args: Args):
             raise SystemExit(f"error: the run in {args.resume} was trained with --{k.replace('_', '-')} {kept}, "
                              f"not {given}; a resumed run keeps its settings (start a new run to change them)")
     saved.run_dir, saved.resume, saved.device, saved.threads = args.resume, args.resume, args.device, args.threads
-    for k in getattr(args, "_explicit", set()) & how:
+    for k in explicit & how:
         setattr(saved, k, getattr(args, k))
     print(f"[mvp] resuming from {path}")
     return saved, state
@@ -1860,9 +1867,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
     env_name = resolve_env_name(args.env)
     run_dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     check_run_dir(run_dir, fresh=resume is None)
-    if resume is None:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:  # rewritten on --resume: the phases may have grown
+        json.dump(dataclasses.asdict(args), f, indent=1)
     print(f"[mvp] {env_name} on {device}, run dir {run_dir}")
 
     gen = seed_everything(args.seed, device)
@@ -1950,8 +1956,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
             run_eval("offline", step, bar)
             tick = time.time()
         pos["offline"] = step
-        if args.save_interval and step % args.save_interval == 0:
-            checkpoint("periodic")
+        if args.save_interval and (step % args.save_interval == 0 or step == args.offline_steps):
+            checkpoint("end of phase" if step == args.offline_steps else "periodic")
         if stop.requested or stop.failure:
             interrupted()
     bar.close()
@@ -1999,15 +2005,17 @@ def train(args: Args, resume: dict | None = None) -> dict:
             run_eval("online", step, bar)
             tick = time.time()
         pos["online"] = step
-        save_due = save_due or bool(args.save_interval and step % args.save_interval == 0)
-        if save_due and obs is None:  # periodic checkpoints wait for the episode's end: exact resume
-            checkpoint("periodic")
-            save_due = False
+        last = step == args.online_steps
+        save_due = save_due or bool(args.save_interval and (step % args.save_interval == 0 or last))
+        if obs is not None and (stop.requested or stop.failure or (save_due and last)):
+            # stopped (or ended) mid-episode: the partial episode ends here, as a time-limit truncation
+            buffer.store["terminals"][buffer.size - 1] = 1.0
+            obs, queue, ep_return, ep_len = None, [], 0.0, 0
         if stop.requested or stop.failure:
-            if obs is not None:  # mid-episode: the partial episode ends here, as a time-limit truncation
-                buffer.store["terminals"][buffer.size - 1] = 1.0
-                obs, queue, ep_return, ep_len = None, [], 0.0, 0
             interrupted()
+        if save_due and obs is None:  # periodic checkpoints wait for the episode's end: exact resume
+            checkpoint("end of phase" if last else "periodic")
+            save_due = False
     bar.close()
     log.close()
     eval_log.close()

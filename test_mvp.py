@@ -1044,6 +1044,23 @@ def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninte
         mvp.load_resume_checkpoint(str(run))
 
 
+def test_a_finished_run_continues_online_exactly_as_the_longer_run(data_dir, uninterrupted, tmp_path):
+    """A phase's end writes a checkpoint, so --resume with a larger --online-steps extends a finished
+    offline-only run; it logs what the run with those steps from the start logs. Phases cannot shrink,
+    and the offline one cannot change once the online one has begun."""
+    run = tmp_path / "run"
+    run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", data_dir, "--run-dir", str(run))
+    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["resume-0000000150.pt", "resume-0000000200.pt"]
+    assert _evals(run) == _evals(uninterrupted)[:1]
+    run_cli("--resume", str(run), "--online-steps", "900")
+    assert _losses(run) == _losses(uninterrupted)
+    assert _evals(run) == _evals(uninterrupted)
+    assert json.loads((run / "args.json").read_text())["online_steps"] == 900  # what the suite's plots read
+    for flags in (["--online-steps", "800"], ["--offline-steps", "300"]):
+        proc = run_cli("--resume", str(run), *flags, check=False)
+        assert proc.returncode == 1 and "a phase can only grow" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoints(uninterrupted, tmp_path):
     proc = run_cli("--resume", str(uninterrupted), "--env", "cube-double-task2", check=False)
     assert proc.returncode == 1 and "trained with --env cube-double-play-singletask-task1-v0" in proc.stderr
@@ -1576,7 +1593,8 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
                    "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1",
                    "--save-interval", "30")
     assert "SCRIPTED demos" in proc.stderr
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000030.pt", "resume-0000000060.pt"]
+    # every 30 steps and at each phase's end; the online one (60 + 80) truncates the unfinished episode
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000060.pt", "resume-0000000140.pt"]
     evals = read_csv(run / "eval.csv")
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
     assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
