@@ -1873,6 +1873,9 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
     gen = seed_everything(args.seed, device)
     dataset, new_env = load_task(env_name, args)
+    if args.chunk_len > len(dataset["observations"]):  # the chunk sampler would index before the first row
+        raise SystemExit(f"error: --chunk-len {args.chunk_len} is longer than the dataset ({len(dataset['observations'])} "
+                         f"rows); lower --chunk-len or use more --dataset-episodes")
     env, eval_env = new_env(), new_env()
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     task = dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,

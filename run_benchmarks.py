@@ -428,23 +428,24 @@ def run_logged(run_dir: str, cmd: list[str]) -> int:
 
 
 def launch(opts, todo):
-    if opts.launcher == "local":
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(opts.workers) as pool:
-            codes = list(pool.map(lambda dc: run_logged(*dc), todo))
-    else:
-        import submitit  # the same code path on a laptop (submitit-local) and on a cluster (slurm)
-        folder = os.path.join(opts.out_dir, "submitit")
-        if opts.launcher == "slurm":
-            ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-            ex.update_parameters(timeout_min=opts.timeout_min, slurm_partition=opts.slurm_partition,
-                                 gpus_per_node=opts.gpus, cpus_per_task=opts.cpus, slurm_array_parallelism=opts.workers)
-        else:
-            ex = submitit.LocalExecutor(folder=folder)
-            ex.update_parameters(timeout_min=opts.timeout_min)
+    if opts.launcher == "slurm":  # one SLURM job per run, --workers of them at a time (a job array)
+        import submitit
+        ex = submitit.AutoExecutor(folder=os.path.join(opts.out_dir, "submitit"), cluster="slurm")
+        ex.update_parameters(timeout_min=opts.timeout_min, slurm_partition=opts.slurm_partition,
+                             gpus_per_node=opts.gpus, cpus_per_task=opts.cpus, slurm_array_parallelism=opts.workers)
         jobs = [ex.submit(run_logged, d, c) for d, c in todo]
-        print(f"[suite] submitted {len(jobs)} job(s) to {opts.launcher}: {', '.join(j.job_id for j in jobs)}")
+        print(f"[suite] submitted {len(jobs)} job(s) to slurm: {', '.join(j.job_id for j in jobs)}")
         codes = [j.result() for j in jobs]
+    else:  # on this machine, --workers runs at a time: plain processes, or the SLURM code path through submitit's local executor
+        from concurrent.futures import ThreadPoolExecutor
+        run = lambda dc: run_logged(*dc)
+        if opts.launcher == "submitit-local":
+            import submitit
+            ex = submitit.LocalExecutor(folder=os.path.join(opts.out_dir, "submitit"))
+            ex.update_parameters(timeout_min=opts.timeout_min)
+            run = lambda dc: ex.submit(run_logged, *dc).result()
+        with ThreadPoolExecutor(opts.workers) as pool:
+            codes = list(pool.map(run, todo))
     for (d, _), code in zip(todo, codes):
         if code != 0:
             print(f"[suite] FAILED ({code}): {d}, see {os.path.join(d, 'stdout.log')}")

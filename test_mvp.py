@@ -698,6 +698,13 @@ def test_out_of_memory_names_the_flags_to_lower(data_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_chunks_longer_than_the_dataset_are_refused(data_dir, tmp_path):
+    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--chunk-len", "2500", "--offline-steps", "1", "--online-steps", "0",
+                   "--run-dir", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 1 and "--chunk-len 2500 is longer than the dataset (2000 rows)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _copy_dataset(src_dir, dst_dir, edit=lambda arrays: None):
     for split in ("", "-val"):
         with np.load(os.path.join(src_dir, f"cube-double-play-v0{split}.npz")) as f:
@@ -877,6 +884,9 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     assert (out / "results.md").exists() and (out / "curves_cube-double-task1.png").exists()
     flow_args = json.loads((out / "cube-double-task1" / "flow1" / "seed0" / "args.json").read_text())
     assert flow_args["policy"] == "flow" and flow_args["flow_steps"] == 1
+    # --workers 1 (the default): the second run starts once the first has finished
+    runs = out / "cube-double-task1"
+    assert os.path.getmtime(runs / "mvp" / "seed0" / "summary.json") <= os.path.getmtime(runs / "flow1" / "seed0" / "args.json")
     # a second call finds both runs finished and launches nothing
     before = os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json")
     run_benchmarks.main(argv)
