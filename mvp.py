@@ -1858,6 +1858,11 @@ class StopFlag:
         print("\n[mvp] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort without saving)", flush=True)
 
 
+def phase_rate(steps: int, seconds: float) -> float | None:
+    """Steps per second of a phase in this process; None where it ran no steps (done before a --resume)."""
+    return round(steps / max(seconds, 1e-9), 2) if steps else None
+
+
 def train(args: Args, resume: dict | None = None) -> dict:
     """Offline loop, replay-buffer hand-off, online loop. `resume` is a checkpoint from --resume."""
     import signal
@@ -1965,7 +1970,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
             interrupted()
     bar.close()
     log.close()
-    offline_rate = (args.offline_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
+    offline_rate = phase_rate(args.offline_steps - bar.initial, time.time() - phase_start - eval_seconds)
     del train_step  # frees a recorded graph's memory before the online one is recorded
 
     # ---- hand-off: the replay buffer already holds the offline data; online rows are appended ----
@@ -2023,12 +2028,12 @@ def train(args: Args, resume: dict | None = None) -> dict:
     log.close()
     eval_log.close()
     signal.signal(signal.SIGINT, previous_handler)
-    online_rate = (args.online_steps - bar.initial) / max(time.time() - phase_start - eval_seconds, 1e-9)
+    online_rate = phase_rate(args.online_steps - bar.initial, time.time() - phase_start - eval_seconds)
 
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args, task)
     summary = dict(env=env_name, seed=args.seed, device=str(device), offline_steps=args.offline_steps,
-                   online_steps=args.online_steps, offline_updates_per_s=round(offline_rate, 2),
-                   online_env_steps_per_s=round(online_rate, 2), final_eval=evals[-1] if evals else None, evals=evals,
+                   online_steps=args.online_steps, offline_updates_per_s=offline_rate,
+                   online_env_steps_per_s=online_rate, final_eval=evals[-1] if evals else None, evals=evals,
                    run_dir=run_dir)
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -527,9 +527,21 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def finished(run_dir: str, cmd: list[str]) -> bool:
+    """A run is done when its summary.json covers the steps its command asks for; given more steps, a
+    finished run continues from its last checkpoint (suite_commands adds --resume)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return False
+    asked = mvp.parse_args(cmd[2:])
+    with open(path) as f:
+        done = json.load(f)
+    return done["offline_steps"] >= asked.offline_steps and done["online_steps"] >= asked.online_steps
+
+
 def suite(opts):
     cmds = suite_commands(opts)
-    todo = [(d, c) for d, c in cmds if not os.path.exists(os.path.join(d, "summary.json"))]
+    todo = [(d, c) for d, c in cmds if not finished(d, c)]
     print(f"[suite] {len(cmds)} run(s), {len(cmds) - len(todo)} already finished, {len(todo)} to run")
     if opts.dry_run:
         for d, c in todo:

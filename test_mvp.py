@@ -824,7 +824,7 @@ def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
 def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys, monkeypatch):
     finished = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
     os.makedirs(finished)
-    open(os.path.join(finished, "summary.json"), "w").write("{}")
+    open(os.path.join(finished, "summary.json"), "w").write('{"offline_steps": 20000, "online_steps": 20000}')  # the preset's
     run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
                          "--out-dir", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
@@ -891,6 +891,9 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     before = os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json")
     run_benchmarks.main(argv)
     assert os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json") == before
+    # more steps asked of a finished run: it continues from its end-of-phase checkpoint (the other stays as it is)
+    table = run_benchmarks.main([*argv[:6], "mvp", *argv[8:], "--online-steps", "80"])
+    assert list(table["cube-double-task1/mvp"]["curve"]) == [100, 160, 180]
 
 
 def test_speed_writes_table_with_ratios(tmp_path):
@@ -1066,6 +1069,8 @@ def test_a_finished_run_continues_online_exactly_as_the_longer_run(data_dir, uni
     assert _losses(run) == _losses(uninterrupted)
     assert _evals(run) == _evals(uninterrupted)
     assert json.loads((run / "args.json").read_text())["online_steps"] == 900  # what the suite's plots read
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["offline_updates_per_s"] is None and summary["online_env_steps_per_s"] > 0  # not a 0.0 speed
     for flags in (["--online-steps", "800"], ["--offline-steps", "300"]):
         proc = run_cli("--resume", str(run), *flags, check=False)
         assert proc.returncode == 1 and "a phase can only grow" in proc.stderr and "Traceback" not in proc.stderr
@@ -1603,6 +1608,10 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
                    "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1",
                    "--save-interval", "30")
     assert "SCRIPTED demos" in proc.stderr
+    import h5py
+    with h5py.File(next((tmp_path / "data" / "lift" / "scripted").glob("*.hdf5"))) as f:  # the demonstrator's noise
+        steps = np.concatenate([np.diff(f["data"][k]["actions"][:, :3], axis=0) for k in f["data"]])
+    assert steps.std(axis=0).min() > 0.3  # iid noise of std 0.3 per step: about 0.42 (with 0.05: 0.07 to 0.2)
     # every 30 steps and at each phase's end; the online one (60 + 80) truncates the unfinished episode
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000060.pt", "resume-0000000140.pt"]
     evals = read_csv(run / "eval.csv")
