@@ -436,7 +436,7 @@ def launch(opts, todo):
         jobs = [ex.submit(run_logged, d, c) for d, c in todo]
         print(f"[suite] submitted {len(jobs)} job(s) to slurm: {', '.join(j.job_id for j in jobs)}")
         codes = [j.result() for j in jobs]
-    else:  # on this machine, --workers runs at a time: plain processes, or the SLURM code path through submitit's local executor
+    else:  # this machine, --workers runs at a time: plain processes, or submitit's local executor (SLURM's code path)
         from concurrent.futures import ThreadPoolExecutor
         run = lambda dc: run_logged(*dc)
         if opts.launcher == "submitit-local":
