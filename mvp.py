@@ -48,6 +48,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1554,19 +1555,20 @@ def _init_eval_worker(task: dict, args: dict, nets: dict):
 
 
 def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str) -> list:
-    """_eval_episode over jobs in `workers` spawned processes. They start with Ctrl-C ignored: it is the
-    training process's, which saves after the evaluation; a second Ctrl-C drops the episodes not started."""
+    """_eval_episode over jobs in `workers` spawned processes. They start with Ctrl-C and SIGTERM ignored
+    (a terminal or Slurm signals the whole process group): those are the training process's, which saves
+    after the evaluation; a second signal drops the episodes not started."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
-    import signal
     from tqdm import tqdm
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
                              initializer=_init_eval_worker, initargs=worker_init) as pool:
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the processes map() starts
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # inherited by map()'s processes
         try:
             results = pool.map(_eval_episode, jobs)
         finally:
-            signal.signal(signal.SIGINT, handler)
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
         try:
             return list(tqdm(results, total=len(jobs), desc=f"{desc} ({workers} processes)", leave=False,
                              dynamic_ncols=True))
@@ -1844,18 +1846,30 @@ def log_row(phase_step: int, info: dict, extra: dict) -> dict:
 
 
 class StopFlag:
-    """Ctrl-C sets a flag that the loops check between steps, so the run saves and exits cleanly;
-    a second Ctrl-C aborts at once. A failed evaluation (an env or worker crash) is kept in `failure`:
-    the run saves the same way, then raises it."""
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, Slurm's time limit or preemption, `docker stop`) sets a flag
+    that the loops check between steps, so the run saves and exits cleanly; a second signal aborts at
+    once. A failed evaluation (an env or worker crash) is kept in `failure`: the run saves the same way,
+    then raises it."""
 
     def __init__(self):
-        self.requested, self.failure = False, None
+        self.requested, self.failure = 0, None  # requested: the number of the signal received
 
     def __call__(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\n[mvp] Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort without saving)", flush=True)
+        self.requested = signum
+        print(f"\n[mvp] {self.name}: saving a checkpoint after this step (again to abort without saving)", flush=True)
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.requested == signal.SIGINT else signal.Signals(self.requested).name
+
+    def install(self):
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def phase_rate(steps: int, seconds: float) -> float | None:
@@ -1865,7 +1879,6 @@ def phase_rate(steps: int, seconds: float) -> float | None:
 
 def train(args: Args, resume: dict | None = None) -> dict:
     """Offline loop, replay-buffer hand-off, online loop. `resume` is a checkpoint from --resume."""
-    import signal
     from tqdm import tqdm
 
     device = pick_device(args.device, args.threads, args.matmul_precision)
@@ -1900,7 +1913,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         print(f"[mvp] resumed at offline step {pos['offline']}, online step {pos['online']}")
     eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
     stop = StopFlag()
-    previous_handler = signal.signal(signal.SIGINT, stop)
+    stop.install()
 
     def checkpoint(phase_tag: str):
         state = dict(format=RESUME_FORMAT, env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
@@ -1910,13 +1923,13 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
     def interrupted():
         checkpoint("interrupted" if stop.failure is None else "evaluation failed")
-        signal.signal(signal.SIGINT, previous_handler)
+        stop.uninstall()
         if stop.failure is not None:
             print(f"[mvp] the evaluation failed (below); the run is saved and a resumed run redoes the evaluation "
                   f"first. Once its cause is fixed: python mvp.py --resume {run_dir}", flush=True)
             raise stop.failure
-        print(f"[mvp] stopped by Ctrl-C. Resume with: python mvp.py --resume {run_dir}", flush=True)
-        raise SystemExit(130)
+        print(f"[mvp] stopped by {stop.name}. Resume with: python mvp.py --resume {run_dir}", flush=True)
+        raise SystemExit(128 + stop.requested)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
 
     def run_eval(phase, step, bar):
         nonlocal eval_seconds
@@ -2027,7 +2040,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     bar.close()
     log.close()
     eval_log.close()
-    signal.signal(signal.SIGINT, previous_handler)
+    stop.uninstall()
     online_rate = phase_rate(args.online_steps - bar.initial, time.time() - phase_start - eval_seconds)
 
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args, task)
@@ -2042,13 +2055,21 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
 
 def eval_only(args: Args) -> dict:
-    """Evaluate a saved policy on the environment it was trained on."""
+    """Evaluate a saved policy on the environment it was trained on, best-of-N with the checkpoint's N
+    or the --num-candidates given now."""
     device = pick_device(args.device, args.threads, args.matmul_precision)
     ckpt = load_checkpoint(args.checkpoint, device)
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in {f.name for f in dataclasses.fields(Args)}})
-    env_name = ckpt["env_name"]
-    if "env" in getattr(args, "_explicit", ()) and resolve_env_name(args.env) != env_name:
+    env_name, explicit = ckpt["env_name"], getattr(args, "_explicit", set())
+    if "env" in explicit and resolve_env_name(args.env) != env_name:
         raise SystemExit(f"error: checkpoint {args.checkpoint} was trained on {env_name}, not {resolve_env_name(args.env)}")
+    for k in sorted(explicit & {"policy", "flow_steps", "hidden_dim", "num_layers", "num_critics", "chunk_len"}):
+        if getattr(args, k) != getattr(saved, k):
+            raise SystemExit(f"error: checkpoint {args.checkpoint} was trained with --{k.replace('_', '-')} "
+                             f"{getattr(saved, k)}, not {getattr(args, k)}; it is evaluated as trained "
+                             f"(only --num-candidates and how the evaluation runs may change)")
+    if "num_candidates" in explicit:
+        saved.num_candidates = args.num_candidates
     learner = make_learner(ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len, saved, device)
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
@@ -2057,7 +2078,8 @@ def eval_only(args: Args) -> dict:
     res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
                    saved.discount, device, seed=10_000 * (args.seed + 1), workers=args.eval_workers, args=saved,
                    task=task)
-    print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes, **res)))
+    print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes,
+                          num_candidates=saved.num_candidates, **res)))
     return res
 
 

@@ -447,7 +447,9 @@ def launch(opts, todo):
         with ThreadPoolExecutor(opts.workers) as pool:
             codes = list(pool.map(run, todo))
     for (d, _), code in zip(todo, codes):
-        if code != 0:
+        if code in (130, 143):  # mvp.py saved after Ctrl-C or SIGTERM (e.g. Slurm's time limit)
+            print(f"[suite] interrupted and saved ({code}): {d}; the same suite command resumes it")
+        elif code != 0:
             print(f"[suite] FAILED ({code}): {d}, see {os.path.join(d, 'stdout.log')}")
     return codes
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -739,13 +740,22 @@ def test_non_finite_loss_stops_naming_step_and_terms(data_dir, tmp_path):
     assert "mf_loss=" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_eval_only_refuses_a_checkpoint_of_another_env_and_a_corrupt_one(tmp_path):
+def test_eval_only_takes_n_and_refuses_another_env_network_or_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys):
     args = mvp.Args(hidden_dim=8, num_layers=1)
     learner = mvp.make_learner(37, 25, args, torch.device("cpu"))
     path = str(tmp_path / "c.pt")
     mvp.save_checkpoint(path, learner, args, dict(env_name=ENV, obs_dim=37, action_dim=5))
     proc = run_cli("--eval-only", "--checkpoint", path, "--env", "cube-double-task2", check=False)
     assert proc.returncode == 1 and "trained on " + ENV in proc.stderr
+    proc = run_cli("--eval-only", "--checkpoint", path, "--hidden-dim", "16", "--num-layers", "1", check=False)
+    assert proc.returncode == 1 and "trained with --hidden-dim 8, not 16" in proc.stderr and "Traceback" not in proc.stderr
+    # best-of-N is evaluated with the checkpoint's N, or the one given now (before, it was silently ignored)
+    calls = []
+    monkeypatch.setattr(mvp, "env_from_checkpoint", lambda ckpt: None)
+    monkeypatch.setattr(mvp, "evaluate", lambda learner, env, episodes, n, *a, **k: calls.append(n) or {})
+    for extra in ([], ["--num-candidates", "3"]):
+        mvp.main(["--eval-only", "--checkpoint", path, "--num-layers", "1", *extra])
+    assert calls == [32, 3] and '"num_candidates": 3' in capsys.readouterr().out
     with open(path, "r+b") as f:
         f.truncate(200)
     proc = run_cli("--eval-only", "--checkpoint", path, check=False)
@@ -896,6 +906,15 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     assert list(table["cube-double-task1/mvp"]["curve"]) == [100, 160, 180]
 
 
+def test_suite_tells_interrupted_runs_from_failed_ones(tmp_path, capsys):
+    """mvp.py exits 130 / 143 after saving on Ctrl-C / SIGTERM: the suite says a relaunch resumes it."""
+    todo = [(str(tmp_path / name), [sys.executable, "-c", f"raise SystemExit({code})"]) for name, code in (("a", 143), ("b", 1))]
+    assert run_benchmarks.launch(SimpleNamespace(launcher="local", workers=1), todo) == [143, 1]
+    out = capsys.readouterr().out
+    assert f"interrupted and saved (143): {tmp_path / 'a'}; the same suite command resumes it" in out
+    assert f"FAILED (1): {tmp_path / 'b'}" in out and "FAILED (143)" not in out
+
+
 def test_speed_writes_table_with_ratios(tmp_path):
     out = run_benchmarks.main(["speed", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8",
                                "--num-candidates", "4", "--repeats", "1", "--seconds", "0.1",
@@ -1002,9 +1021,11 @@ def test_ctrl_c_saves_and_says_how_to_resume(data_dir, uninterrupted, tmp_path):
     assert _losses(run) == _losses(uninterrupted)  # an interruption in the offline phase resumes exactly
 
 
-def test_ctrl_c_during_an_evaluation_in_worker_processes_saves_after_it(data_dir, tmp_path):
-    """A terminal's Ctrl-C reaches the whole process group: the evaluation workers ignore it, the
-    evaluation finishes and is logged, then the run saves and stops as it does without workers."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_during_an_evaluation_in_worker_processes_saves_after_it(data_dir, tmp_path, signum, code):
+    """A terminal's Ctrl-C, or Slurm's SIGTERM at a time limit, reaches the whole process group: the
+    evaluation workers ignore it, the evaluation finishes and is logged, then the run saves and stops
+    as it does without workers."""
     run, log_path = tmp_path / "run", tmp_path / "log"
     argv = [*TINY, "--dataset-dir", data_dir, "--offline-steps", "300", "--online-steps", "0", "--eval-interval", "100",
             "--eval-episodes", "2", "--eval-workers", "2", "--threads", "1", "--run-dir", str(run)]
@@ -1014,10 +1035,11 @@ def test_ctrl_c_during_an_evaluation_in_worker_processes_saves_after_it(data_dir
     proc.log_path = log_path
     _wait_for(lambda: "(2 processes)" in open(log_path).read(), proc)
     time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signum)
     proc.wait(timeout=600)
     out = open(log_path).read()
-    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert proc.returncode == code and "Traceback" not in out, out[-3000:]
+    assert f"Resume with: python mvp.py --resume {run}" in out
     assert [r["step"] for r in read_csv(run / "eval.csv")] == ["100"]
     assert [p.name for p in (run / "checkpoints").glob("resume-*.pt")] == ["resume-0000000100.pt"]
 
