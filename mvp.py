@@ -1563,12 +1563,11 @@ def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str
     from tqdm import tqdm
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
                              initializer=_init_eval_worker, initargs=worker_init) as pool:
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # inherited by map()'s processes
+        previous = set_stop_handlers(signal.SIG_IGN)  # inherited by the processes map() starts
         try:
             results = pool.map(_eval_episode, jobs)
         finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+            set_stop_handlers(previous)
         try:
             return list(tqdm(results, total=len(jobs), desc=f"{desc} ({workers} processes)", leave=False,
                              dynamic_ncols=True))
@@ -1864,12 +1863,11 @@ class StopFlag:
     def name(self) -> str:
         return "Ctrl-C" if self.requested == signal.SIGINT else signal.Signals(self.requested).name
 
-    def install(self):
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def uninstall(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+def set_stop_handlers(handler) -> dict:
+    """Sets the handler of SIGINT and SIGTERM (one for both, or the dict a previous call returned);
+    returns the previous ones."""
+    return {s: signal.signal(s, handler[s] if isinstance(handler, dict) else handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def phase_rate(steps: int, seconds: float) -> float | None:
@@ -1913,7 +1911,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         print(f"[mvp] resumed at offline step {pos['offline']}, online step {pos['online']}")
     eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
     stop = StopFlag()
-    stop.install()
+    previous_handlers = set_stop_handlers(stop)
 
     def checkpoint(phase_tag: str):
         state = dict(format=RESUME_FORMAT, env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
@@ -1923,7 +1921,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
     def interrupted():
         checkpoint("interrupted" if stop.failure is None else "evaluation failed")
-        stop.uninstall()
+        set_stop_handlers(previous_handlers)
         if stop.failure is not None:
             print(f"[mvp] the evaluation failed (below); the run is saved and a resumed run redoes the evaluation "
                   f"first. Once its cause is fixed: python mvp.py --resume {run_dir}", flush=True)
@@ -2040,7 +2038,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
     bar.close()
     log.close()
     eval_log.close()
-    stop.uninstall()
+    set_stop_handlers(previous_handlers)
     online_rate = phase_rate(args.online_steps - bar.initial, time.time() - phase_start - eval_seconds)
 
     save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), learner, args, task)
