@@ -112,6 +112,7 @@ class Args:
     # output
     run_dir: str | None = field(default=None, metadata=dict(help="output directory (default runs/<env>_s<seed>_<time>)"))
     save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase and at its end (0: never; Ctrl-C always saves)"))
+    save_minutes: float = field(default=30.0, metadata=dict(help="also write one when this many minutes have passed since the last (0: never): what a crash can lose"))
     resume: str | None = field(default=None, metadata=dict(help="continue the run in this directory from its newest good checkpoint"))
     checkpoint: str | None = field(default=None, metadata=dict(help="checkpoint to evaluate with --eval-only"))
     eval_only: bool = field(default=False, metadata=dict(help="only evaluate --checkpoint"))
@@ -134,7 +135,7 @@ def parse_args(argv=None) -> Args:
     for name in ["num_candidates", "chunk_len", "flow_steps", "batch_size", "hidden_dim", "num_layers", "num_critics", "eval_episodes", "log_interval"]:
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads", "save_interval"]:
+    for name in ["offline_steps", "online_steps", "start_training", "eval_interval", "data_workers", "threads", "save_interval", "save_minutes"]:
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.eval_workers < -1:
@@ -1802,11 +1803,11 @@ def load_resume_checkpoint(run_dir: str):
 def resume_args(args: Args):
     """Settings of the run being resumed; flags given now must agree with them, except those that say
     where and how the same computation runs (device, threads, bon_block, cuda_graph, compile, matmul_precision,
-    select_dtype, eval_workers) and the phases' lengths, which may grow: a finished run continues."""
+    select_dtype, eval_workers, save_minutes) and the phases' lengths, which may grow: a finished run continues."""
     path, state = load_resume_checkpoint(args.resume)
     names = {f.name for f in dataclasses.fields(Args)}
     saved = Args(**{k: v for k, v in state["args"].items() if k in names})
-    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype", "eval_workers"}
+    how = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype", "eval_workers", "save_minutes"}
     explicit, pos = getattr(args, "_explicit", set()), state["pos"]
     for k in sorted(explicit & {"offline_steps", "online_steps"}):  # a phase may grow, so a finished run continues
         phase = k.split("_")[0]
@@ -1912,12 +1913,19 @@ def train(args: Args, resume: dict | None = None) -> dict:
     eval_log = CSVLog(os.path.join(run_dir, "eval.csv"))
     stop = StopFlag()
     previous_handlers = set_stop_handlers(stop)
+    saved_at = time.time()
 
     def checkpoint(phase_tag: str):
+        nonlocal saved_at
         state = dict(format=RESUME_FORMAT, env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
                      args=dataclasses.asdict(args), pos=pos, evals=evals, **run_state(learner, buffer, len(dataset["observations"]), gen, env))
         path = save_resume_checkpoint(run_dir, pos["offline"] + pos["online"], state)
         tqdm.write(f"[mvp] checkpoint {path} ({phase_tag})")
+        saved_at = time.time()
+
+    def time_to_save(step, last):  # every --save-interval steps and at a phase's end, or --save-minutes after the last
+        by_step = args.save_interval and (step % args.save_interval == 0 or last)
+        return bool(by_step or (args.save_minutes and time.time() - saved_at > 60 * args.save_minutes))
 
     def interrupted():
         checkpoint("interrupted" if stop.failure is None else "evaluation failed")
@@ -1975,7 +1983,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
             run_eval("offline", step, bar)
             tick = time.time()
         pos["offline"] = step
-        if args.save_interval and (step % args.save_interval == 0 or step == args.offline_steps):
+        if time_to_save(step, step == args.offline_steps):
             checkpoint("end of phase" if step == args.offline_steps else "periodic")
         if stop.requested or stop.failure:
             interrupted()
@@ -2025,7 +2033,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
             tick = time.time()
         pos["online"] = step
         last = step == args.online_steps
-        save_due = save_due or bool(args.save_interval and (step % args.save_interval == 0 or last))
+        save_due = save_due or time_to_save(step, last)
         if obs is not None and (stop.requested or stop.failure or (save_due and last)):
             # stopped (or ended) mid-episode: the partial episode ends here, as a time-limit truncation
             buffer.store["terminals"][buffer.size - 1] = 1.0

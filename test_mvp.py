@@ -675,6 +675,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--num-candidates", "0"], "--num-candidates must be >= 1"),
     (["--chunk-len", "0"], "--chunk-len must be >= 1"),
     (["--offline-steps", "-5"], "--offline-steps must be >= 0"),
+    (["--save-minutes", "-1"], "--save-minutes must be >= 0"),
     (["--ivc-coef", "-1"], "--ivc-coef must be >= 0"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
@@ -1005,6 +1006,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, uninterrupte
     assert [int(r[0]) for r in resumed["online.csv"]] == list(range(40, 901, 20))
     assert _evals(run) == _evals(uninterrupted)
     assert json.loads((run / "summary.json").read_text())["evals"] == json.loads((uninterrupted / "summary.json").read_text())["evals"]
+
+
+def test_checkpoints_by_the_clock_resume_exactly(data_dir, uninterrupted, tmp_path):
+    """--save-minutes bounds what a crash loses by wall time; online, such a checkpoint also waits for an
+    episode's end, so a run killed after one resumes to the uninterrupted run's losses and evaluations."""
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    proc = _start([*RESUMABLE, "--save-interval", "0", "--save-minutes", "0.002", "--dataset-dir", data_dir,
+                   "--run-dir", str(run)], tmp_path / "log")
+    _wait_for(lambda: any(int(p.name[7:17]) > 500 for p in ckpts.glob("resume-*.pt")), proc)  # one online
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cli("--resume", str(run))
+    assert _losses(run) == _losses(uninterrupted)
+    assert _evals(run) == _evals(uninterrupted)
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(data_dir, uninterrupted, tmp_path):
