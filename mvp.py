@@ -140,6 +140,9 @@ def parse_args(argv=None) -> Args:
             problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)})")
     if args.eval_workers < -1:
         problems.append(f"--eval-workers must be -1 (auto), 0 (in this process) or a number of processes (got {args.eval_workers})")
+    for name in ("threads", "data_workers", "eval_workers"):  # beyond the cores only slows a run (or fails to fork)
+        if getattr(args, name) > (os.cpu_count() or 1):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is more than this machine's {os.cpu_count()} cores")
     if args.select_dtype not in ("float32", "bfloat16"):
         problems.append(f"--select-dtype must be float32 or bfloat16 (got {args.select_dtype!r})")
     if args.bon_block < -1:
@@ -1917,7 +1920,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
     def checkpoint(phase_tag: str):
         nonlocal saved_at
-        state = dict(format=RESUME_FORMAT, env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,
+        state = dict(format=RESUME_FORMAT, **task,  # task: what --eval-only needs, so it reads these files too
                      args=dataclasses.asdict(args), pos=pos, evals=evals, **run_state(learner, buffer, len(dataset["observations"]), gen, env))
         path = save_resume_checkpoint(run_dir, pos["offline"] + pos["online"], state)
         tqdm.write(f"[mvp] checkpoint {path} ({phase_tag})")

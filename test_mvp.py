@@ -686,6 +686,7 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
     (["--select-dtype", "float16"], "--select-dtype must be float32 or bfloat16"),
     (["--eval-workers", "-3"], "--eval-workers must be -1 (auto), 0 (in this process) or a number"),
+    (["--threads", "100000"], "--threads 100000 is more than this machine's"),
 ])
 def test_bad_arguments(argv, message):
     proc = run_cli(*argv, check=False)
@@ -1655,5 +1656,6 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
     assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
     assert [int(r["step"]) for r in read_csv(run / "online.csv")] == [40, 60, 80]
-    out = run_cli("--eval-only", "--checkpoint", str(run / "checkpoint.pt"), "--eval-episodes", "1")
-    assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
+    for ckpt in (run / "checkpoint.pt", run / "checkpoints" / "resume-0000000060.pt"):  # also a run's snapshots
+        out = run_cli("--eval-only", "--checkpoint", str(ckpt), "--eval-episodes", "1")
+        assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
