@@ -15,6 +15,7 @@ Commands:
     python run_benchmarks.py suite --preset paper --tasks cube-double-task4 --seeds 0 1 2 3 4 --dry-run
     python run_benchmarks.py suite ... --launcher slurm --slurm-partition gpu   # one SLURM job per run
     python run_benchmarks.py envs                         # robomimic env steps/s per task
+    python run_benchmarks.py plot runs/RUN [runs/RUN2 ...]    # one run's (or several runs') curves as a figure
 """
 from __future__ import annotations
 
@@ -564,6 +565,67 @@ def suite(opts):
     return table
 
 
+# ================================================================================================
+# plot: what a run logged, as one figure (several runs overlaid: seeds, methods)
+# ================================================================================================
+PANELS = [  # (title, log, solid column, dashed column or None)
+    ("success rate (dashed: N = 1 alone)", "eval", "success_rate", "bc_success_rate"),
+    ("eval: Q(s0, a*) (dashed: discounted return)", "eval", "q0_mean", "disc_return_mean"),
+    ("critic loss (TD error)", "train", "critic_loss", None),
+    ("Q on the batch (dashed: TD target)", "train", "q_mean", "target_mean"),
+    ("policy: L_MF (dashed: L_IVC; a flow's whole loss)", "train", "mf_loss", "ivc_loss"),
+    ("best-of-N gain in Q", "train", "bon_gain", None),
+]
+
+
+def run_curves(run_dir: str) -> dict:
+    """{"train"|"eval": {column: (steps, values)}} of a run's CSV logs (and its offline_steps); online steps
+    count after the offline ones."""
+    import csv
+    if not os.path.exists(os.path.join(run_dir, "args.json")):
+        raise SystemExit(f"error: {run_dir} is not a run directory of mvp.py (it has no args.json)")
+    with open(os.path.join(run_dir, "args.json")) as f:
+        offline_steps = json.load(f)["offline_steps"]
+    curves = dict(offline_steps=offline_steps)
+    for log, names in (("train", ["offline.csv", "online.csv"]), ("eval", ["eval.csv"])):
+        rows = []
+        for name in names:
+            if os.path.exists(os.path.join(run_dir, name)):
+                with open(os.path.join(run_dir, name)) as f:
+                    for r in csv.DictReader(f):
+                        shift = offline_steps if name == "online.csv" or r.get("phase") == "online" else 0
+                        rows.append({k: float(v) + (shift if k == "step" else 0) for k, v in r.items() if k != "phase" and v})
+        curves[log] = {k: (np.array([r["step"] for r in rows if k in r]), np.array([r[k] for r in rows if k in r]))
+                       for k in (rows[0] if rows else {}) if k != "step"}
+    return curves
+
+
+def plot_runs(run_dirs: list[str], out: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for i, d in enumerate(run_dirs):
+        curves = run_curves(d)
+        for ax, (title, log, solid, dashed) in zip(axes.flat, PANELS):
+            for col, style in ((solid, "-"), (dashed, "--")):
+                if col in curves[log]:
+                    ax.plot(*curves[log][col], style, color=f"C{i}", marker="o" if log == "eval" else None, ms=3,
+                            label="/".join(os.path.normpath(d).split(os.sep)[-2:]) if style == "-" else None)
+            ax.set_title(title, fontsize=9)
+            if os.path.exists(os.path.join(d, "online.csv")):
+                ax.axvline(curves["offline_steps"], color="gray", ls=":", lw=0.8)  # offline -> online
+    axes[0, 0].set_ylim(-0.02, 1.02)
+    axes[0, 2].legend(fontsize=7)  # the critic loss: logged by every run that trained
+    for ax in axes[1]:
+        ax.set_xlabel("step (offline, then online)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"[plot] wrote {out}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="MVP against its baselines: speed and success.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -625,6 +687,9 @@ def main(argv=None):
     u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     u.add_argument("--report-only", action="store_true", help="launch nothing: table and curves of the evaluations written so far")
     u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
+    f = sub.add_parser("plot", help="success, losses and Q of one or more runs from their CSV logs, as one figure")
+    f.add_argument("run_dirs", nargs="+", help="run directories of mvp.py (several: overlaid)")
+    f.add_argument("--out", default=None, help="PNG to write (default: curves.png in the run directory, or here for several)")
     opts = p.parse_args(argv)
     for name in ("repeats", "latency_calls", "workers", "updates"):
         if getattr(opts, name, 1) < 1:
@@ -637,6 +702,8 @@ def main(argv=None):
                 p.error(str(e))
     if opts.command == "envs":
         return [print(json.dumps(benchmark_env(t, opts.steps)), flush=True) for t in opts.tasks]
+    if opts.command == "plot":
+        return plot_runs(opts.run_dirs, opts.out or os.path.join(opts.run_dirs[0] if len(opts.run_dirs) == 1 else ".", "curves.png"))
     commands = {"speed": speed, "suite": suite, "graph-check": graph_check, "share": share, "_rate": rate_worker}
     return commands[opts.command](opts)
 

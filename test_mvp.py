@@ -1095,6 +1095,19 @@ def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninte
         mvp.load_resume_checkpoint(str(run))
 
 
+def test_plot_reads_a_real_runs_logs_on_one_step_axis(uninterrupted, tmp_path):
+    """run_benchmarks.py plot: online rows count after the 200 offline steps, in the training and eval logs."""
+    curves = run_benchmarks.run_curves(str(uninterrupted))
+    assert list(curves["eval"]["success_rate"][0]) == [200, 500, 800, 1100]  # offline 200; online 300, 600, 900
+    assert list(curves["eval"]["bc_success_rate"][1]) == [float(r["bc_success_rate"]) for r in read_csv(uninterrupted / "eval.csv")]
+    steps = curves["train"]["critic_loss"][0]
+    assert steps[0] == 20 and steps[9] == 200 and steps[10] == 240 and steps[-1] == 1100
+    out = run_benchmarks.main(["plot", str(uninterrupted), str(uninterrupted), "--out", str(tmp_path / "c.png")])
+    assert os.path.getsize(out) > 20000
+    with pytest.raises(SystemExit, match="not a run directory of mvp.py"):
+        run_benchmarks.main(["plot", str(tmp_path)])
+
+
 def test_a_finished_run_continues_online_exactly_as_the_longer_run(data_dir, uninterrupted, tmp_path):
     """A phase's end writes a checkpoint, so --resume with a larger --online-steps extends a finished
     offline-only run; it logs what the run with those steps from the start logs. Phases cannot shrink,
