@@ -111,7 +111,7 @@ class Args:
     data_workers: int = field(default=0, metadata=dict(help="worker processes for generation (0: all cores)"))
     # output
     run_dir: str | None = field(default=None, metadata=dict(help="output directory (default runs/<env>_s<seed>_<time>)"))
-    save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase and at its end (0: never; Ctrl-C always saves)"))
+    save_interval: int = field(default=50_000, metadata=dict(help="write a resumable checkpoint every this many steps per phase and at its end (0: only by --save-minutes; Ctrl-C always saves)"))
     save_minutes: float = field(default=30.0, metadata=dict(help="also write one when this many minutes have passed since the last (0: never): what a crash can lose"))
     resume: str | None = field(default=None, metadata=dict(help="continue the run in this directory from its newest good checkpoint"))
     checkpoint: str | None = field(default=None, metadata=dict(help="checkpoint to evaluate with --eval-only"))
@@ -1790,7 +1790,7 @@ def load_resume_checkpoint(run_dir: str):
     paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt")), reverse=True)
     if not paths:
         raise SystemExit(f"error: no checkpoint in {os.path.join(run_dir, 'checkpoints')}: nothing to resume "
-                         f"(checkpoints are written every --save-interval steps and on Ctrl-C)")
+                         f"(checkpoints are written every --save-interval steps or --save-minutes, and on Ctrl-C or SIGTERM)")
     for path in paths:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # cannot run code, unlike pickle
