@@ -455,16 +455,6 @@ def launch(opts, todo):
     return codes
 
 
-def read_evals(run_dir: str) -> list[tuple[int, float]]:
-    """(global step, success) rows of a run: online steps count after the offline ones."""
-    import csv
-    with open(os.path.join(run_dir, "args.json")) as f:
-        offline_steps = json.load(f)["offline_steps"]
-    with open(os.path.join(run_dir, "eval.csv")) as f:
-        return [(int(r["step"]) + (offline_steps if r["phase"] == "online" else 0), float(r["success_rate"]))
-                for r in csv.DictReader(f)]
-
-
 def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
     """mean +- std of success over seeds, per (task, method), at the chosen global steps (default: last)."""
     table = {}
@@ -474,7 +464,8 @@ def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
             for seed in seeds:
                 d = run_dir_of(out_dir, task, method, seed)
                 if os.path.exists(os.path.join(d, "eval.csv")):
-                    curves[seed] = dict(read_evals(d))
+                    at, success = run_curves(d)["eval"]["success_rate"]  # online steps after the offline ones
+                    curves[seed] = dict(zip(at.astype(int).tolist(), success.tolist()))
             if not curves:
                 continue
             all_steps = sorted(set.intersection(*(set(c) for c in curves.values())))
@@ -596,7 +587,7 @@ def run_curves(run_dir: str) -> dict:
                         shift = offline_steps if name == "online.csv" or r.get("phase") == "online" else 0
                         rows.append({k: float(v) + (shift if k == "step" else 0) for k, v in r.items() if k != "phase" and v})
         curves[log] = {k: (np.array([r["step"] for r in rows if k in r]), np.array([r[k] for r in rows if k in r]))
-                       for k in (rows[0] if rows else {}) if k != "step"}
+                       for k in {k for r in rows for k in r} - {"step"}}  # online.csv has a few more columns
     return curves
 
 
