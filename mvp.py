@@ -743,7 +743,24 @@ def load_ogbench(env_name: str, dataset_dir: str):
 
 def make_env(env_name: str):
     """The single-task evaluation / interaction environment, with its episode cap (200 single, 500 double, 1000 triple)."""
-    return import_ogbench().make_env_and_datasets(env_name, env_only=True)
+    env = import_ogbench().make_env_and_datasets(env_name, env_only=True)
+    env.reset = functools.partial(reset_settled, env, env.reset)
+    return env
+
+
+def reset_settled(env, reset: Callable, **kwargs):
+    """OGBench's reset, then a clean start for MuJoCo: the same seed and actions give the same episode.
+
+    A task reset settles the goal scene with two steps of an unseeded random action (a new action_space,
+    so a new RNG, per sample), then restores positions and velocities but not that action's controls nor
+    the solver's warm start, which the episode's first step reads. An episode was then a function of its
+    seed and actions only up to the last bits (1 replay in 40 here diverged, to a different contact count).
+    Zeroing both, as mj_resetData leaves them, removes the leftover; the first action overwrites the controls."""
+    out = reset(**kwargs)
+    data = env.unwrapped._data
+    data.ctrl[:] = 0.0
+    data.qacc_warmstart[:] = 0.0
+    return out
 
 
 def load_task(env_name: str, args: Args):

@@ -634,6 +634,23 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
     assert math.isnan(res["contact_frac"]) and math.isnan(res["bc_contact_frac"]) and np.isfinite(res["q0_mean"])
 
 
+def test_an_ogbench_reset_is_a_function_of_its_seed():
+    """OGBench's task reset leaves controls and the solver's warm start from unseeded random steps;
+    make_env's reset clears them, so every MuJoCo input of the next step depends on the seed alone."""
+    env = mvp.make_env(mvp.resolve_env_name("cube-single-task1"))
+    data = env.unwrapped._data
+    inputs = ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "mocap_quat", "xfrc_applied", "qfrc_applied")
+    states = []
+    for seed in (3, 4, 3):
+        obs, _ = env.reset(seed=seed)
+        states.append([np.array(getattr(data, k)) for k in inputs] + [obs])
+    assert all(np.array_equal(a, b) for a, b in zip(states[0], states[2]))
+    assert not np.array_equal(states[0][0], states[1][0])  # another seed, another start
+    first = [env.step(np.full(5, 0.3))[0] for _ in range(3)]
+    env.reset(seed=3)
+    assert all(np.array_equal(a, env.step(np.full(5, 0.3))[0]) for a in first)
+
+
 def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
     """--eval-workers: the workers act with the learner's own weights, and each episode depends on its seed
     alone (its candidate noise too), so the numbers equal those of evaluating here, whatever the worker count."""
