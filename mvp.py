@@ -744,11 +744,11 @@ def load_ogbench(env_name: str, dataset_dir: str):
 def make_env(env_name: str):
     """The single-task evaluation / interaction environment, with its episode cap (200 single, 500 double, 1000 triple)."""
     env = import_ogbench().make_env_and_datasets(env_name, env_only=True)
-    env.reset = functools.partial(reset_settled, env, env.reset)
+    env.reset = functools.partial(reset_clean, env, env.reset)
     return env
 
 
-def reset_settled(env, reset: Callable, **kwargs):
+def reset_clean(env, reset: Callable, **kwargs):
     """OGBench's reset, then a clean start for MuJoCo: the same seed and actions give the same episode.
 
     A task reset settles the goal scene with two steps of an unseeded random action (a new action_space,
