@@ -754,8 +754,9 @@ def reset_clean(env, reset: Callable, **kwargs):
     A task reset settles the goal scene with two steps of an unseeded random action (a new action_space,
     so a new RNG, per sample), then restores positions and velocities but not that action's controls nor
     the solver's warm start, which the episode's first step reads. An episode was then a function of its
-    seed and actions only up to the last bits (1 replay in 40 here diverged, to a different contact count).
-    Zeroing both, as mj_resetData leaves them, removes the leftover; the first action overwrites the controls."""
+    seed and actions only up to the last bits, and sometimes more (1 replay of an episode in 40 diverged;
+    2 runs in 84 evaluated another contact fraction than their twins). Zeroing both, as mj_resetData
+    leaves them, removes the leftover; the first action overwrites the controls."""
     out = reset(**kwargs)
     data = env.unwrapped._data
     data.ctrl[:] = 0.0
