@@ -749,18 +749,13 @@ def make_env(env_name: str):
 
 
 def reset_clean(env, reset: Callable, **kwargs):
-    """OGBench's reset, then a clean start for MuJoCo: the same seed and actions give the same episode.
-
-    A task reset settles the goal scene with two steps of an unseeded random action (a new action_space,
-    so a new RNG, per sample), then restores positions and velocities but not that action's controls nor
-    the solver's warm start, which the episode's first step reads. An episode was then a function of its
-    seed and actions only up to the last bits, and sometimes more (1 replay of an episode in 40 diverged;
-    2 runs in 84 evaluated another contact fraction than their twins). Zeroing both, as mj_resetData
-    leaves them, removes the leftover; the first action overwrites the controls."""
+    """OGBench's reset, then MuJoCo's controls and solver warm start zeroed (as mj_resetData leaves them).
+    A task reset settles the goal scene with two steps of an unseeded random action and keeps both; the
+    episode's first step reads the warm start, so the same seed and actions could give another episode
+    (README, deviation 18). The first action overwrites the controls."""
     out = reset(**kwargs)
-    data = env.unwrapped._data
-    data.ctrl[:] = 0.0
-    data.qacc_warmstart[:] = 0.0
+    env.unwrapped.data.ctrl[:] = 0.0
+    env.unwrapped.data.qacc_warmstart[:] = 0.0
     return out
 
 

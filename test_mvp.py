@@ -638,7 +638,7 @@ def test_an_ogbench_reset_is_a_function_of_its_seed():
     """OGBench's task reset leaves controls and the solver's warm start from unseeded random steps;
     make_env's reset clears them, so every MuJoCo input of the next step depends on the seed alone."""
     env = mvp.make_env(mvp.resolve_env_name("cube-single-task1"))
-    data = env.unwrapped._data
+    data = env.unwrapped.data
     inputs = ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "mocap_quat", "xfrc_applied", "qfrc_applied")
     states = []
     for seed in (3, 4, 3):
