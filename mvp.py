@@ -604,7 +604,8 @@ def _generate_episode(job):
     rows = {k: [] for k in ("observations", "actions", "terminals", "qpos", "qvel")}
     done = False
     while not done:
-        action = np.clip(np.asarray(oracle.select_action(ob, info)), -1, 1)
+        # rounded to the stored dtype before the step: the file then holds exactly what was executed
+        action = np.clip(np.asarray(oracle.select_action(ob, info)), -1, 1).astype(np.float32)
         next_ob, _, terminated, truncated, info = env.step(action)
         done = terminated or truncated
         if oracle.done:  # the planner finished its target: pick a new one, as the public data did
@@ -1322,7 +1323,9 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std
         while not done:
             rec["obs"].append(_robomimic_obs(env))
             rec["states"].append(np.asarray(env.env.sim.get_state().flatten()))
-            action = policy(env.raw_obs)
+            # executed as float32 (what the loader returns), stored exactly: a replay of the loaded demo is the
+            # recording bit for bit; contacts amplify a 3e-8 rounding into another outcome on some CPUs
+            action = policy(env.raw_obs).astype(np.float32).astype(np.float64)
             _, _, success, truncated, _ = env.step(action)
             done = success or truncated
             rec["next_obs"].append(_robomimic_obs(env))
