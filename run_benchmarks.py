@@ -67,7 +67,8 @@ PRESETS = {
     # the CPU learning check on cube-single (the ladder's first rung): offline only, 150 + 15 generated play
     # episodes, 2x256 networks, paper batch and N; 15k steps (MVP about 40 min per run), or 6k with -short
     "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "15000", "--online-steps", "0",
-                        "--eval-interval", "5000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads", "1"],
+                        "--eval-interval", "5000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads",
+                        "1"],
 }
 PRESETS["cube-single-cpu-short"] = PRESETS["cube-single-cpu"] + ["--offline-steps", "6000", "--eval-interval", "2000"]
 # success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
@@ -173,7 +174,8 @@ def time_calls(fn, device, calls: int) -> list[float]:
 
 def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
     """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
-    return time_calls(lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen), device, calls)
+    return time_calls(lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen), device,
+                      calls)
 
 
 @torch.no_grad()
@@ -274,8 +276,10 @@ def speed_markdown(out: dict) -> str:
                      f"| {r.get('latency_speedup_vs_flow10', nan):.2f} |")
     if "latency_parts" in out:
         lp = out["latency_parts"]
-        lines += ["", f"Latency parts ({c['modes'][0]}, median, {c['num_candidates']} candidate rows of one observation): "
-                      f"one policy network call {lp['policy_call_ms']:.2f} ms, one critic-ensemble call {lp['critic_call_ms']:.2f} ms. "
+        lines += ["",
+                  f"Latency parts ({c['modes'][0]}, median, {c['num_candidates']} candidate rows of one observation): "
+                      f"one policy network call {lp['policy_call_ms']:.2f} ms, one critic-ensemble call "
+                      f"{lp['critic_call_ms']:.2f} ms. "
                       f"Both methods pay the critic call, so flow10 / MVP latency cannot exceed (10 p + c) / (p + c) = "
                       f"{lp['flow10_latency_ratio_ceiling']:.2f} on this device."]
     return "\n".join(lines) + "\n"
@@ -293,7 +297,8 @@ def graph_check(opts) -> dict:
     if device.type != "cuda":
         raise SystemExit("error: graph-check compares CUDA graphs with eager code and needs a CUDA device")
     obs_dim, action_dim = 40, 5  # cube-double's sizes; the values are synthetic
-    base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers), "--batch-size", str(opts.batch_size)]
+    base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers), "--batch-size",
+            str(opts.batch_size)]
     report = {}
     fast = ["--compile"] if opts.compile else []
     for m in opts.methods:
@@ -306,13 +311,16 @@ def graph_check(opts) -> dict:
             buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000, device)
             step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
             keys = sorted(step())  # the logged quantities (this first step is part of the run in every mode)
-            losses = torch.stack([torch.stack([v for k, v in sorted(step().items())]).clone() for _ in range(opts.updates)])
-            params = torch.cat([p.detach().flatten() for p in [*learner.policy.parameters(), *learner.critic.parameters()]])
+            losses = torch.stack([torch.stack([v for k,
+                                               v in sorted(step().items())]).clone() for _ in range(opts.updates)])
+            params = torch.cat([p.detach().flatten() for p in [*learner.policy.parameters(),
+                                                               *learner.critic.parameters()]])
             runs[mode] = losses.cpu().double(), params.cpu().double()
         (le, pe), (lg, pg), (lt, pt) = runs["eager"], runs["graph"], runs["graph-tf32"]
         loss_rel = ((lg - le).abs() / le.abs().clamp_min(1e-3)).max(dim=1).values  # worst logged quantity, per step
         tf32_rel = ((lt - le).abs() / le.abs().clamp_min(1e-3))[-20:].mean(dim=0)  # per logged quantity, last 20 steps
-        report[m] = dict(updates=opts.updates, compile=opts.compile, max_rel_loss_diff_first10=float(loss_rel[:10].max()),
+        report[m] = dict(updates=opts.updates, compile=opts.compile,
+                         max_rel_loss_diff_first10=float(loss_rel[:10].max()),
                          max_rel_loss_diff=float(loss_rel.max()),
                          max_abs_param_diff=float((pg - pe).abs().max()), param_scale=float(pe.abs().max()),
                          tf32_mean_rel_diff_last20=dict(zip(keys, tf32_rel.tolist())),
@@ -362,7 +370,8 @@ def share(opts) -> dict:
         outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps]
         rates = [o["updates_per_s"] for o in outs]
         table[procs] = dict(per_process=rates, total=sum(rates), late_s=max(o["late_s"] for o in outs))
-        print(f"[share] {procs} process(es): {sum(rates):.1f} updates/s in all ({', '.join(f'{r:.1f}' for r in rates)}); "
+        each = ", ".join(f"{r:.1f}" for r in rates)
+        print(f"[share] {procs} process(es): {sum(rates):.1f} updates/s in all ({each}); "
               f"latest start {table[procs]['late_s']:.1f} s after the common start", flush=True)
     os.makedirs(opts.out_dir, exist_ok=True)
     with open(os.path.join(opts.out_dir, "share.json"), "w") as f:
@@ -375,7 +384,9 @@ def share(opts) -> dict:
 # ================================================================================================
 def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
     """Env steps/s with uniform random actions after one reset, plus reset time and one capped episode."""
-    env = mvp.RobomimicEnv(mvp.robomimic_env_args(task), mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
+    import prepare_robomimic  # robomimic's env_args for a task live with the scripted data's recipe
+    env = mvp.RobomimicEnv(prepare_robomimic.robomimic_env_args(task),
+                           mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
     rng = np.random.default_rng(seed)
     t0 = time.time()
     env.reset(seed=seed)
@@ -392,7 +403,8 @@ def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
         done, n = term or trunc, n + 1
     episode_s = time.time() - t0
     env.close()
-    return dict(task=task, steps_per_s=round(steps_per_s, 1), steps_per_cpu_s=round(steps_per_cpu_s, 1), reset_s=round(reset_s, 3),
+    return dict(task=task, steps_per_s=round(steps_per_s, 1), steps_per_cpu_s=round(steps_per_cpu_s, 1),
+                reset_s=round(reset_s, 3),
                 episode_steps=n, episode_s=round(episode_s, 2))
 
 
@@ -505,7 +517,8 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
             std = np.array([np.std(row["curve"][s]) for s in steps])
             color = f"C{i}"
             n = max(len(v) for v in row["curve"].values())
-            ax.plot(steps, mean, ["-o", "--s", "-.^", ":v"][i % 4], color=color, ms=4,  # styles keep equal curves visible
+            # styles keep equal curves visible
+            ax.plot(steps, mean, ["-o", "--s", "-.^", ":v"][i % 4], color=color, ms=4,
                     label=f"{row['method']} ({n} seed{'s' if n > 1 else ''}, ± std)")
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
             ref = REFERENCE.get(task, {}).get(row["method"])
@@ -585,7 +598,8 @@ def run_curves(run_dir: str) -> dict:
                 with open(os.path.join(run_dir, name)) as f:
                     for r in csv.DictReader(f):
                         shift = offline_steps if name == "online.csv" or r.get("phase") == "online" else 0
-                        rows.append({k: float(v) + (shift if k == "step" else 0) for k, v in r.items() if k != "phase" and v})
+                        rows.append({k: float(v) + (shift if k == "step" else 0) for k,
+                                     v in r.items() if k != "phase" and v})
         curves[log] = {k: (np.array([r["step"] for r in rows if k in r]), np.array([r[k] for r in rows if k in r]))
                        for k in {k for r in rows for k in r} - {"step"}}  # online.csv has a few more columns
     return curves
@@ -641,8 +655,10 @@ def main(argv=None):
     g.add_argument("--hidden-dim", type=int, default=512)
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--compile", action="store_true", help="graph the compiled step (--compile) instead of the plain one")
-    g.add_argument("--tol", type=float, default=1e-3, help="largest relative loss difference allowed in the first 10 updates")
+    g.add_argument("--compile", action="store_true",
+                   help="graph the compiled step (--compile) instead of the plain one")
+    g.add_argument("--tol", type=float, default=1e-3,
+                   help="largest relative loss difference allowed in the first 10 updates")
     g.add_argument("--out-dir", default="bench")
     h = sub.add_parser("share", help="aggregate updates/s of several processes on one device")
     h.add_argument("--processes", nargs="+", type=int, default=[1, 2, 4])
@@ -650,7 +666,8 @@ def main(argv=None):
     h.add_argument("--mode", default="graph", choices=list(MODES))
     h.add_argument("--device", default="auto")
     h.add_argument("--seconds", type=float, default=10.0)
-    h.add_argument("--startup", type=float, default=25.0, help="seconds the processes get to start and record before timing")
+    h.add_argument("--startup", type=float, default=25.0,
+                   help="seconds the processes get to start and record before timing")
     h.add_argument("--out-dir", default="bench")
     r = sub.add_parser("_rate")  # one process of `share`
     r.add_argument("--method", default="mvp")
@@ -668,7 +685,8 @@ def main(argv=None):
     u.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
     u.add_argument("--preset", default="cpu", choices=list(PRESETS))
     u.add_argument("--workers", type=int, default=1, help="runs at a time")
-    u.add_argument("--report-steps", nargs="+", type=int, default=None, help="global steps for the table (default: last)")
+    u.add_argument("--report-steps", nargs="+", type=int, default=None,
+                   help="global steps for the table (default: last)")
     u.add_argument("--launcher", default="local", choices=["local", "slurm", "submitit-local"])
     u.add_argument("--slurm-partition", default=None)
     u.add_argument("--gpus", type=int, default=1)
@@ -676,11 +694,13 @@ def main(argv=None):
     u.add_argument("--timeout-min", type=int, default=60 * 24)
     u.add_argument("--out-dir", default="suite")
     u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
-    u.add_argument("--report-only", action="store_true", help="launch nothing: table and curves of the evaluations written so far")
+    u.add_argument("--report-only", action="store_true",
+                   help="launch nothing: table and curves of the evaluations written so far")
     u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
     f = sub.add_parser("plot", help="success, losses and Q of one or more runs from their CSV logs, as one figure")
     f.add_argument("run_dirs", nargs="+", help="run directories of mvp.py (several: overlaid)")
-    f.add_argument("--out", default=None, help="PNG to write (default: curves.png in the run directory, or here for several)")
+    f.add_argument("--out", default=None,
+                   help="PNG to write (default: curves.png in the run directory, or here for several)")
     opts = p.parse_args(argv)
     for name in ("repeats", "latency_calls", "workers", "updates"):
         if getattr(opts, name, 1) < 1:
@@ -694,7 +714,8 @@ def main(argv=None):
     if opts.command == "envs":
         return [print(json.dumps(benchmark_env(t, opts.steps)), flush=True) for t in opts.tasks]
     if opts.command == "plot":
-        return plot_runs(opts.run_dirs, opts.out or os.path.join(opts.run_dirs[0] if len(opts.run_dirs) == 1 else ".", "curves.png"))
+        return plot_runs(opts.run_dirs,
+                         opts.out or os.path.join(opts.run_dirs[0] if len(opts.run_dirs) == 1 else ".", "curves.png"))
     commands = {"speed": speed, "suite": suite, "graph-check": graph_check, "share": share, "_rate": rate_worker}
     return commands[opts.command](opts)
 

@@ -1,6 +1,6 @@
 """Tests for mvp.py: the maths on cases with known answers, the sampler, data, and real CLI runs.
 
-Run: python -m pytest -q test_mvp.py   (CPU; a few minutes on 2 cores)
+Run: python -m pytest -q test_mvp.py   (CPU; about 15 minutes on 2 cores)
 """
 import csv
 import functools
@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import mvp
+import prepare_ogbench
+import prepare_robomimic
 import run_benchmarks
 import toy_2d
 
@@ -248,7 +250,8 @@ def test_best_of_n_in_blocks_selects_the_same_chunks(policy_kind):
 def test_bon_block_default_is_32_on_cpu_and_flag_is_validated():
     learner = mvp.make_learner(4, 10, mvp.parse_args(["--hidden-dim", "16", "--num-layers", "1"]), "cpu")
     assert learner.bon_block == 32
-    learner = mvp.make_learner(4, 10, mvp.parse_args(["--hidden-dim", "16", "--num-layers", "1", "--bon-block", "0"]), "cpu")
+    learner = mvp.make_learner(4, 10, mvp.parse_args(["--hidden-dim", "16", "--num-layers", "1", "--bon-block",
+                                                      "0"]), "cpu")
     assert learner.bon_block == 0
     with pytest.raises(SystemExit):
         mvp.parse_args(["--bon-block", "-2"])
@@ -279,7 +282,8 @@ def test_critic_target_formula():
     target = QuadraticCritic(goal=torch.zeros(3))
     next_obs = torch.randn(4, 2)
     reward_sum, mask = torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([1.0, 0.0, 1.0, 1.0])
-    y, _ = mvp.critic_target(policy, critic, target, next_obs, reward_sum, mask, 0.9, 5, 8, torch.Generator().manual_seed(3))
+    y, _ = mvp.critic_target(policy, critic, target, next_obs, reward_sum, mask, 0.9, 5, 8,
+                             torch.Generator().manual_seed(3))
     a_star, _ = mvp.best_of_n(policy, critic, next_obs, 8, torch.Generator().manual_seed(3))
     expected = reward_sum + 0.9 ** 5 * mask * target(next_obs, a_star).mean(0)
     assert torch.allclose(y, expected)
@@ -301,6 +305,16 @@ def test_bfloat16_selection_values_the_chosen_chunk_in_float32():
     _, q_fp32 = mvp.best_of_n(learner.policy, learner.critic, next_obs, 8, torch.Generator().manual_seed(3))
     assert (q_bf16.float() - q_fp32).abs().max() < 0.02 < q_fp32.std(dim=1).mean()
     assert (q_bf16.argmax(dim=1) == q_fp32.argmax(dim=1)).float().mean() >= 0.9
+
+
+def test_bfloat16_selection_is_refused_on_a_cpu_without_native_bfloat16(monkeypatch):
+    """Emulated bfloat16 made MVP's update 25x slower on an AVX2 CPU (7.66 against 0.30 updates/s): refused there."""
+    args = mvp.Args(hidden_dim=8, num_layers=1, select_dtype="bfloat16")
+    monkeypatch.setattr(mvp, "cpu_has_bfloat16", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CPU with native bfloat16.*--select-dtype float32"):
+        mvp.make_learner(4, 10, args, torch.device("cpu"))
+    monkeypatch.setattr(mvp, "cpu_has_bfloat16", lambda: True)
+    assert mvp.make_learner(4, 10, args, torch.device("cpu")).select_dtype == torch.bfloat16
 
 
 def test_polyak():
@@ -336,7 +350,8 @@ def _hand_dataset():
     terminals[[3, 9]] = 1
     masks = np.ones(n, np.float32)
     masks[7] = 0  # success at row 7: bootstrapping must stop there
-    return dict(observations=np.arange(n, dtype=np.float32)[:, None], actions=np.arange(n * 2, dtype=np.float32).reshape(n, 2),
+    return dict(observations=np.arange(n, dtype=np.float32)[:, None], actions=np.arange(n * 2,
+                                                                                        dtype=np.float32).reshape(n, 2),
                 rewards=np.arange(1, n + 1, dtype=np.float32), masks=masks, terminals=terminals,
                 next_observations=100 + np.arange(n, dtype=np.float32)[:, None])
 
@@ -470,7 +485,7 @@ def test_env_names():
         full = f"cube-single-play-singletask-task{k}-v0"
         assert mvp.resolve_env_name(f"cube-single-task{k}") == full and mvp.resolve_env_name(full) == full
         assert mvp.dataset_name_of(full) == "cube-single-play-v0"
-    assert mvp.PUBLIC_EPISODES["cube-single-play-v0"] == 1000  # OGBench's data_gen_scripts/commands.sh
+    assert prepare_ogbench.PUBLIC_EPISODES["cube-single-play-v0"] == 1000  # OGBench's data_gen_scripts/commands.sh
     with pytest.raises(ValueError, match=r"cube-single-task5.*cube-triple-task4.*cube-\{single,double,triple\}"):
         mvp.resolve_env_name("cube-quadruple")
     with pytest.raises(ValueError):
@@ -481,58 +496,84 @@ def test_env_names():
 def data_dir(tmp_path_factory):
     """A tiny generated cube-double dataset: 2 training episodes and 1 validation episode."""
     d = str(tmp_path_factory.mktemp("data"))
-    mvp.generate_dataset("cube-double-play-v0", d, num_episodes=2, seed=0, workers=2)
+    prepare_ogbench.generate_dataset("cube-double-play-v0", d, num_episodes=2, seed=0, workers=2)
     return d
 
 
 def test_generated_files_load_through_ogbench_with_single_task_rewards(data_dir):
     env, train, val = mvp.load_ogbench(ENV, data_dir)
-    n = 2 * (mvp.EPISODE_STEPS - 1)  # OGBench drops the last state of each episode
+    n = 2 * (prepare_ogbench.EPISODE_STEPS - 1)  # OGBench drops the last state of each episode
     assert train["observations"].shape == (n, env.observation_space.shape[0])
     assert train["actions"].shape == (n, 5) and np.abs(train["actions"]).max() <= 1
-    assert len(val["observations"]) == mvp.EPISODE_STEPS - 1
+    assert len(val["observations"]) == prepare_ogbench.EPISODE_STEPS - 1
     assert train["terminals"].sum() == 2
     assert set(np.unique(train["rewards"])) <= {-2.0, -1.0, 0.0}  # (#cubes at goal) - #cubes
     assert np.array_equal(train["masks"], (train["rewards"] != 0).astype(np.float32))
     with np.load(os.path.join(data_dir, "cube-double-play-v0.npz"), allow_pickle=False) as f:
-        settings = json.loads(str(f[mvp.GENERATED_KEY]))
+        settings = json.loads(str(f[prepare_ogbench.GENERATED_KEY]))
     assert settings["episodes"] == 2 and settings["split"] == "train" and settings["noise"] == 0.1
 
 
 def test_cube_single_files_load_through_ogbench_with_single_task_rewards(tmp_path):
     """cube-single: 2 + 1 generated episodes read by OGBench's own loader; the planner really moves the cube."""
-    mvp.generate_dataset("cube-single-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=2)
+    prepare_ogbench.generate_dataset("cube-single-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=2)
     env, train, val = mvp.import_ogbench().make_env_and_datasets("cube-single-play-singletask-task1-v0",
                                                                  dataset_dir=str(tmp_path))
-    n = 2 * (mvp.EPISODE_STEPS - 1)
+    n = 2 * (prepare_ogbench.EPISODE_STEPS - 1)
     assert env.observation_space.shape == (28,) and train["observations"].shape == (n, 28)  # one cube: 28 dims
-    assert train["actions"].shape == (n, 5) and len(val["observations"]) == mvp.EPISODE_STEPS - 1
+    assert train["actions"].shape == (n, 5) and len(val["observations"]) == prepare_ogbench.EPISODE_STEPS - 1
     assert train["terminals"].sum() == 2
     assert set(np.unique(train["rewards"])) == {-1.0, 0.0}  # (#cubes at goal) - 1; these episodes reach task 1's goal
     assert np.array_equal(train["masks"], (train["rewards"] != 0).astype(np.float32))
     with np.load(tmp_path / "cube-single-play-v0.npz", allow_pickle=False) as f:
-        settings, qpos = json.loads(str(f[mvp.GENERATED_KEY])), f["qpos"]
-    assert qpos.shape == (2 * mvp.EPISODE_STEPS, 21)  # 14 robot joint values, then the cube's position and quaternion
+        settings, qpos = json.loads(str(f[prepare_ogbench.GENERATED_KEY])), f["qpos"]
+    # 14 robot joint values, then the cube's position and quaternion
+    assert qpos.shape == (2 * prepare_ogbench.EPISODE_STEPS, 21)
     assert (qpos[:, 16] > 0.05).mean() > 0.2  # the cube rests at z = 0.02; the planner lifts it again and again
     assert settings["p_stack_range"] == [0.0, 0.0] and settings["noise"] == 0.1 and settings["episodes"] == 2
 
 
-def test_generation_is_deterministic_and_independent_of_workers(data_dir, tmp_path):
-    mvp.generate_dataset("cube-double-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=1)
+def test_generation_is_byte_identical_across_workers_and_resumes_after_an_interruption(data_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Every finished episode is kept at once: interrupted after one, a rerun makes only the missing ones and
+    writes the very bytes of an uninterrupted run with another worker count, then removes its parts."""
+    write, parts = prepare_ogbench.write_npz, tmp_path / "cube-double-play-v0.parts"
+
+    def interrupted_after_one_episode(path, arrays):
+        write(path, arrays)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_ogbench, "write_npz", interrupted_after_one_episode)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_ogbench.generate_dataset("cube-double-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=1)
+    assert len(list(parts.glob("episode_*.npz"))) == 1 and not (tmp_path / "cube-double-play-v0.npz").exists()
+    monkeypatch.undo()
+    written = []
+    monkeypatch.setattr(prepare_ogbench, "write_npz", lambda path, arrays: written.append(path) or write(path, arrays))
+    prepare_ogbench.generate_dataset("cube-double-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=1)
     for name in ("cube-double-play-v0.npz", "cube-double-play-v0-val.npz"):
-        with np.load(os.path.join(data_dir, name)) as a, np.load(tmp_path / name) as b:
-            for k in ("observations", "actions", "qpos"):
-                assert np.array_equal(a[k], b[k]), (name, k)
+        assert (tmp_path / name).read_bytes() == open(os.path.join(data_dir, name), "rb").read(), name
+    assert [os.path.basename(p) for p in written[:2]] == ["episode_000001.npz", "episode_000002.npz"]  # not 0 again
+    assert not parts.exists()
+
+
+def test_prepare_ogbench_command_refuses_unknown_envs_and_names_the_training_command(tmp_path):
+    script = os.path.join(HERE, "prepare_ogbench.py")
+    proc = subprocess.run([sys.executable, script, "--env", "cube-quadruple"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown --env 'cube-quadruple'" in proc.stderr and "cube-double" in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--env", "cube-single", "--episodes", "0"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "--episodes must be >= 1" in proc.stderr
 
 
 def test_generation_reuses_its_own_files_and_refuses_foreign_ones(data_dir, tmp_path, capsys):
-    mvp.generate_dataset("cube-double-play-v0", data_dir, num_episodes=2, seed=0, workers=1)
+    prepare_ogbench.generate_dataset("cube-double-play-v0", data_dir, num_episodes=2, seed=0, workers=1)
     assert "reusing" in capsys.readouterr().out
     foreign = tmp_path / "cube-double-play-v0.npz"
     np.savez(foreign, observations=np.zeros((3, 2)))
     before = foreign.read_bytes()
-    with pytest.raises(mvp.DatasetError, match="not generated by this project"):
-        mvp.generate_dataset("cube-double-play-v0", str(tmp_path), num_episodes=1, seed=0, workers=1)
+    with pytest.raises(prepare_ogbench.DataError, match="not generated by this project"):
+        prepare_ogbench.generate_dataset("cube-double-play-v0", str(tmp_path), num_episodes=1, seed=0, workers=1)
     assert foreign.read_bytes() == before
     assert not (tmp_path / "cube-double-play-v0.npz.tmp").exists()
 
@@ -606,7 +647,8 @@ class ReachEnv:
         reward = -float(np.square(action - self.goal).sum())
         self.log[-1]["actions"].append(action)
         self.log[-1]["rewards"].append(reward)
-        info = dict(success=reward > -0.05, **({"proprio/gripper_contact": np.array([float(self.t % 3 == 0)])} if self.contact else {}))
+        info = dict(success=reward > -0.05,
+                    **({"proprio/gripper_contact": np.array([float(self.t % 3 == 0)])} if self.contact else {}))
         return np.zeros(2, np.float32), reward, False, self.t == 7, info
 
 
@@ -614,7 +656,8 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
     torch.manual_seed(0)
     h, gamma, goal = 3, 0.9, np.full(2, 0.5, np.float32)
     learner = mvp.make_learner(2, 2 * h, mvp.Args(hidden_dim=16, num_layers=1), torch.device("cpu"))
-    learner.critic = QuadraticCritic(goal=torch.full((2 * h,), 0.5))  # mean_K Q = -1.5 ||chunk - goal||^2: it knows the reward
+    # mean_K Q = -1.5 ||chunk - goal||^2: it knows the reward
+    learner.critic = QuadraticCritic(goal=torch.full((2 * h,), 0.5))
     env = ReachEnv(goal)
     res = mvp.evaluate(learner, env, 4, 16, h, gamma, torch.device("cpu"), seed=100)
     best, alone = env.log[:4], env.log[4:]
@@ -639,7 +682,8 @@ def test_an_ogbench_reset_is_a_function_of_its_seed():
     make_env's reset clears them, so every MuJoCo input of the next step depends on the seed alone."""
     env = mvp.make_env(mvp.resolve_env_name("cube-single-task1"))
     data = env.unwrapped.data
-    inputs = ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "mocap_quat", "xfrc_applied", "qfrc_applied")
+    inputs = ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "mocap_quat", "xfrc_applied",
+              "qfrc_applied")
     states = []
     for seed in (3, 4, 3):
         obs, _ = env.reset(seed=seed)
@@ -696,13 +740,15 @@ def test_same_seed_gives_identical_losses(data_dir, tmp_path):
     (["--ivc-coef", "-1"], "--ivc-coef must be >= 0"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--device", "tpu"], "--device must be auto, cpu or cuda"),
-    (["--cuda-graph", "yes"], "--cuda-graph must be auto, on or off"),
+    (["--cuda-graph", "yes"], "argument --cuda-graph: invalid choice: 'yes'"),
     (["--cuda-graph", "on", "--device", "cpu"], "--cuda-graph on needs a CUDA device"),
-    (["--time-sampler", "beta"], "--time-sampler must be uniform, logit_normal or gap_uniform"),
-    (["--one-step-frac", "1.5"], "--one-step-frac must be in [0, 1]"),
-    (["--matmul-precision", "medium"], "--matmul-precision must be highest or high"),
-    (["--select-dtype", "float16"], "--select-dtype must be float32 or bfloat16"),
-    (["--eval-workers", "-3"], "--eval-workers must be -1 (auto), 0 (in this process) or a number"),
+    (["--time-sampler", "beta"], "argument --time-sampler: invalid choice: 'beta'"),
+    (["--one-step-frac", "1.5"], "--one-step-frac must be in [0, 1] (got 1.5)"),
+    (["--matmul-precision", "medium"], "argument --matmul-precision: invalid choice: 'medium'"),
+    (["--select-dtype", "float16"], "argument --select-dtype: invalid choice: 'float16'"),
+    (["--eval-workers", "-3"], "--eval-workers must be >= -1 (got -3)"),
+    (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
+    (["--discount", "1.5"], "--discount must be in (0, 1] (got 1.5)"),
     (["--threads", "100000"], "--threads 100000 is more than this machine's"),
 ])
 def test_bad_arguments(argv, message):
@@ -719,7 +765,8 @@ def test_out_of_memory_names_the_flags_to_lower(data_dir, tmp_path):
 
 
 def test_chunks_longer_than_the_dataset_are_refused(data_dir, tmp_path):
-    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--chunk-len", "2500", "--offline-steps", "1", "--online-steps", "0",
+    proc = run_cli(*TINY, "--dataset-dir", data_dir, "--chunk-len", "2500", "--offline-steps", "1", "--online-steps",
+                   "0",
                    "--run-dir", str(tmp_path / "r"), check=False)
     assert proc.returncode == 1 and "--chunk-len 2500 is longer than the dataset (2000 rows)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -737,7 +784,8 @@ def test_corrupt_dataset_file_is_named(data_dir, tmp_path):
     _copy_dataset(data_dir, tmp_path)
     path = tmp_path / "cube-double-play-v0.npz"
     path.write_bytes(path.read_bytes()[:1000])  # truncated
-    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "5", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "5", "--run-dir", str(tmp_path / "r"),
+                   check=False)
     assert proc.returncode == 1 and str(path) in proc.stderr and "--generate-data" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -747,13 +795,15 @@ def test_mismatched_dataset_is_refused(data_dir, tmp_path):
         arrays["observations"] = np.concatenate([arrays["observations"], arrays["observations"][:, :3]], axis=1)
 
     _copy_dataset(data_dir, tmp_path, widen)
-    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "5", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "5", "--run-dir", str(tmp_path / "r"),
+                   check=False)
     assert proc.returncode == 1 and "another task" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_non_finite_loss_stops_naming_step_and_terms(data_dir, tmp_path):
     _copy_dataset(data_dir, tmp_path, lambda arrays: arrays["observations"].fill(np.nan))
-    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "60", "--run-dir", str(tmp_path / "r"), check=False)
+    proc = run_cli(*TINY, "--dataset-dir", str(tmp_path), "--offline-steps", "60", "--run-dir", str(tmp_path / "r"),
+                   check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "non-finite loss in the offline phase, first at update 1" in proc.stderr
     assert "mf_loss=" in proc.stderr and "Traceback" not in proc.stderr
@@ -763,11 +813,12 @@ def test_eval_only_takes_n_and_refuses_another_env_network_or_a_corrupt_checkpoi
     args = mvp.Args(hidden_dim=8, num_layers=1)
     learner = mvp.make_learner(37, 25, args, torch.device("cpu"))
     path = str(tmp_path / "c.pt")
-    mvp.save_checkpoint(path, learner, args, dict(env_name=ENV, obs_dim=37, action_dim=5))
+    mvp.save_checkpoint(path, mvp.checkpoint_state(learner, args, dict(env_name=ENV, obs_dim=37, action_dim=5)))
     proc = run_cli("--eval-only", "--checkpoint", path, "--env", "cube-double-task2", check=False)
     assert proc.returncode == 1 and "trained on " + ENV in proc.stderr
     proc = run_cli("--eval-only", "--checkpoint", path, "--hidden-dim", "16", "--num-layers", "1", check=False)
-    assert proc.returncode == 1 and "trained with --hidden-dim 8, not 16" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "trained with --hidden-dim 8, not 16" in proc.stderr
+    assert "Traceback" not in proc.stderr
     # best-of-N is evaluated with the checkpoint's N, or the one given now (before, it was silently ignored)
     calls = []
     monkeypatch.setattr(mvp, "env_from_checkpoint", lambda ckpt: None)
@@ -810,7 +861,8 @@ def test_flow_loss_is_the_ivc_term_and_learner_picks_loss_and_sampler():
     eps = torch.randn(a1.shape, generator=g)
     t = torch.rand(8, 1, generator=g)
     assert torch.allclose(loss, mvp.ivc_loss(net, obs, a1, eps, t, valid, 1)) and info["mf_loss"] == 0
-    flow = mvp.make_learner(2, 3, mvp.Args(policy="flow", flow_steps=4, hidden_dim=8, num_layers=1), torch.device("cpu"))
+    flow = mvp.make_learner(2, 3, mvp.Args(policy="flow", flow_steps=4, hidden_dim=8, num_layers=1),
+                            torch.device("cpu"))
     eps = torch.randn(5, 3)
     assert torch.allclose(flow.sample(flow.policy, obs[:5], eps), mvp.euler_sample(flow.policy, obs[:5], eps, 4))
     ours = mvp.make_learner(2, 3, mvp.Args(hidden_dim=8, num_layers=1), torch.device("cpu"))
@@ -839,7 +891,8 @@ def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
     _fake_run(tmp_path, "cube-double-task4", "flow10", 0, [("offline", 100, 0.1), ("online", 50, 0.3)])
     table = run_benchmarks.aggregate(str(tmp_path), ["cube-double-task4"], ["mvp", "flow10"], [0, 1])
     mvp_row = table["cube-double-task4/mvp"]
-    assert mvp_row["cells"] == {150: dict(mean=pytest.approx(0.8), std=pytest.approx(0.2), n=2)}  # online step 50 -> 150
+    # online step 50 -> 150
+    assert mvp_row["cells"] == {150: dict(mean=pytest.approx(0.8), std=pytest.approx(0.2), n=2)}
     assert mvp_row["curve"] == {100: [0.2, 0.4], 150: [0.6, 1.0]}
     at_100 = run_benchmarks.aggregate(str(tmp_path), ["cube-double-task4"], ["mvp"], [0, 1], steps=[100])
     assert at_100["cube-double-task4/mvp"]["cells"][100]["mean"] == pytest.approx(0.3)
@@ -853,37 +906,44 @@ def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
 def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys, monkeypatch):
     finished = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
     os.makedirs(finished)
-    open(os.path.join(finished, "summary.json"), "w").write('{"offline_steps": 20000, "online_steps": 20000}')  # the preset's
+    # the preset's
+    open(os.path.join(finished, "summary.json"), "w").write('{"offline_steps": 20000, "online_steps": 20000}')
     run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
                          "--out-dir", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out
     assert "4 run(s), 1 already finished, 3 to run" in out
-    lines = [l for l in out.splitlines() if "mvp.py" in l]
-    assert len(lines) == 3 and all("--hidden-dim 256" in l for l in lines)  # the cpu preset
-    assert sum("--policy flow --flow-steps 10" in l for l in lines) == 2
-    assert not any(os.path.join("mvp", "seed0") in l for l in lines)
+    lines = [line for line in out.splitlines() if "mvp.py" in line]
+    assert len(lines) == 3 and all("--hidden-dim 256" in line for line in lines)  # the cpu preset
+    assert sum("--policy flow --flow-steps 10" in line for line in lines) == 2
+    assert not any(os.path.join("mvp", "seed0") in line for line in lines)
     interrupted = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "flow10", 1)
     os.makedirs(os.path.join(interrupted, "checkpoints"))
     open(os.path.join(interrupted, "checkpoints", "resume-0000000500.pt"), "wb").close()
     run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
                          "--out-dir", str(tmp_path), "--dry-run"])
-    lines = [l for l in capsys.readouterr().out.splitlines() if "mvp.py" in l]
-    assert [l.endswith(f"--resume {interrupted}") for l in lines] == [False, False, True]  # it goes on, not over
-    assert not any("--eval-workers" in l for l in lines)  # one run at a time: mvp.py's auto
+    lines = [line for line in capsys.readouterr().out.splitlines() if "mvp.py" in line]
+    assert [line.endswith(f"--resume {interrupted}") for line in lines] == [False, False, True]  # it goes on, not over
+    assert not any("--eval-workers" in line for line in lines)  # one run at a time: mvp.py's auto
     # side by side, the runs split the spare cores between their evaluation workers, unless told otherwise
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     for extra, expected in (([], "--eval-workers 3"), (["--extra", "--eval-workers", "1"], "--eval-workers 1")):
         run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
                              "--out-dir", str(tmp_path), "--workers", "4", "--dry-run", *extra])
-        lines = [l for l in capsys.readouterr().out.splitlines() if "mvp.py" in l]
-        assert len(lines) == 3 and all(l.count("--eval-workers") == 1 and expected in l for l in lines)
+        lines = [line for line in capsys.readouterr().out.splitlines() if "mvp.py" in line]
+        assert len(lines) == 3 and all(line.count("--eval-workers") == 1 and expected in line for line in lines)
 
 
 def test_cube_single_presets_differ_only_in_budget():
-    full, short = (vars(mvp.parse_args(run_benchmarks.PRESETS[k])) for k in ("cube-single-cpu", "cube-single-cpu-short"))
-    assert (full["offline_steps"], full["eval_interval"], short["offline_steps"], short["eval_interval"]) == (15000, 5000, 6000, 2000)
+    full, short = (vars(mvp.parse_args(run_benchmarks.PRESETS[k])) for k in ("cube-single-cpu",
+                                                                             "cube-single-cpu-short"))
+    assert (full["offline_steps"], full["eval_interval"], short["offline_steps"], short["eval_interval"]) == (15000,
+                                                                                                              5000,
+                                                                                                              6000,
+                                                                                                              2000)
     assert {k for k in full if full[k] != short[k]} == {"offline_steps", "eval_interval"}
-    assert (short["eval_episodes"], short["dataset_episodes"], short["hidden_dim"], short["online_steps"]) == (20, 150, 256, 0)
+    assert (short["eval_episodes"], short["dataset_episodes"], short["hidden_dim"], short["online_steps"]) == (20,
+                                                                                                               150,
+                                                                                                               256, 0)
 
 
 def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, monkeypatch):
@@ -894,7 +954,8 @@ def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, mon
         open(os.path.join(d, "args.json"), "w").write(json.dumps(dict(offline_steps=100)))
         open(os.path.join(d, "eval.csv"), "w").write(f"phase,step,success_rate\noffline,100,{success}\n")
     monkeypatch.setattr(run_benchmarks, "launch", lambda *a: pytest.fail("--report-only launched runs"))
-    table = run_benchmarks.main(["suite", "--tasks", "cube-single-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
+    table = run_benchmarks.main(["suite", "--tasks", "cube-single-task1", "--seeds", "0", "1", "--methods", "mvp",
+                                 "flow10",
                                  "--out-dir", str(tmp_path), "--report-only"])
     assert table["cube-single-task1/mvp"]["cells"][100] == dict(mean=pytest.approx(0.3), std=pytest.approx(0.1), n=2)
     assert table["cube-single-task1/flow10"]["cells"][100]["n"] == 1
@@ -915,7 +976,8 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     assert flow_args["policy"] == "flow" and flow_args["flow_steps"] == 1
     # --workers 1 (the default): the second run starts once the first has finished
     runs = out / "cube-double-task1"
-    assert os.path.getmtime(runs / "mvp" / "seed0" / "summary.json") <= os.path.getmtime(runs / "flow1" / "seed0" / "args.json")
+    finished, started = runs / "mvp" / "seed0" / "summary.json", runs / "flow1" / "seed0" / "args.json"
+    assert os.path.getmtime(finished) <= os.path.getmtime(started)
     # a second call finds both runs finished and launches nothing
     before = os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json")
     run_benchmarks.main(argv)
@@ -927,7 +989,9 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
 
 def test_suite_tells_interrupted_runs_from_failed_ones(tmp_path, capsys):
     """mvp.py exits 130 / 143 after saving on Ctrl-C / SIGTERM: the suite says a relaunch resumes it."""
-    todo = [(str(tmp_path / name), [sys.executable, "-c", f"raise SystemExit({code})"]) for name, code in (("a", 143), ("b", 1))]
+    todo = [(str(tmp_path / name), [sys.executable, "-c", f"raise SystemExit({code})"]) for name, code in (("a",
+                                                                                                            143),
+                                                                                                            ("b", 1))]
     assert run_benchmarks.launch(SimpleNamespace(launcher="local", workers=1), todo) == [143, 1]
     out = capsys.readouterr().out
     assert f"interrupted and saved (143): {tmp_path / 'a'}; the same suite command resumes it" in out
@@ -943,7 +1007,8 @@ def test_speed_writes_table_with_ratios(tmp_path):
     assert out["results"]["mvp eager"]["updates_ratio_vs_eager"] == 1.0
     assert all(r["updates_per_s"] > 0 and r["latency_ms_p95"] >= 0 for r in out["results"].values())
     md = (tmp_path / "speed.md").read_text()
-    assert "| flow1 | eager |" in md and "Machine:" in md and json.loads((tmp_path / "speed.json").read_text())["machine"]
+    assert "| flow1 | eager |" in md and "Machine:" in md
+    assert json.loads((tmp_path / "speed.json").read_text())["machine"]
     parts = out["latency_parts"]
     assert parts["policy_call_ms"] > 0 and parts["critic_call_ms"] > 0 and "cannot exceed" in md
     assert parts["flow10_latency_ratio_ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(
@@ -987,13 +1052,15 @@ def _start(argv, log_path):
 def _wait_for(predicate, proc, timeout=600):
     start = time.time()
     while not predicate():
-        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + open(proc.log_path).read()[-3000:]
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + \
+            open(proc.log_path).read()[-3000:]
         assert time.time() - start < timeout, open(proc.log_path).read()[-3000:]
         time.sleep(0.02)
 
 
 def _losses(run):
-    return {name: [tuple(r[c] for c in LOSS_COLUMNS) for r in read_csv(run / name)] for name in ("offline.csv", "online.csv")}
+    return {name: [tuple(r[c] for c in LOSS_COLUMNS) for r in read_csv(run / name)] for name in ("offline.csv",
+                                                                                                 "online.csv")}
 
 
 def _evals(run):
@@ -1012,7 +1079,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, uninterrupte
     ckpts = run / "checkpoints"
     # kill once in the offline phase, once in the online phase (its checkpoint comes at an episode end)
     for wanted in ("resume-0000000100.pt", "resume-0000000700.pt"):
-        argv = (["--resume", str(run)] if ckpts.exists() else [*RESUMABLE, "--dataset-dir", data_dir, "--run-dir", str(run)])
+        argv = (["--resume", str(run)] if ckpts.exists() else [*RESUMABLE, "--dataset-dir", data_dir, "--run-dir",
+                                                               str(run)])
         proc = _start(argv, tmp_path / f"{wanted}.log")
         _wait_for(lambda: (ckpts / wanted).exists(), proc)
         proc.send_signal(signal.SIGKILL)
@@ -1023,7 +1091,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, uninterrupte
     assert resumed == whole  # same losses, no duplicate or missing rows
     assert [int(r[0]) for r in resumed["online.csv"]] == list(range(40, 901, 20))
     assert _evals(run) == _evals(uninterrupted)
-    assert json.loads((run / "summary.json").read_text())["evals"] == json.loads((uninterrupted / "summary.json").read_text())["evals"]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (run, uninterrupted)]
+    assert summaries[0]["evals"] == summaries[1]["evals"]
 
 
 def test_checkpoints_by_the_clock_resume_exactly(data_dir, uninterrupted, tmp_path):
@@ -1077,7 +1146,8 @@ def test_ctrl_c_or_sigterm_during_an_evaluation_in_worker_processes_saves_after_
     assert [p.name for p in (run / "checkpoints").glob("resume-*.pt")] == ["resume-0000000100.pt"]
 
 
-def test_a_failed_evaluation_saves_and_the_resumed_run_redoes_it(data_dir, uninterrupted, tmp_path, monkeypatch, capsys):
+def test_a_failed_evaluation_saves_and_the_resumed_run_redoes_it(data_dir, uninterrupted, tmp_path, monkeypatch,
+                                                                 capsys):
     """An env or worker crash in an evaluation (here the offline phase's last one) saves the run at that
     step and re-raises; the resumed run evaluates again first and continues exactly as if nothing failed."""
     def crash(*a, **k):
@@ -1101,22 +1171,24 @@ def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninte
     paths = sorted((run / "checkpoints").glob("resume-*.pt"))
     assert len(paths) == 2  # only the newest two are kept
     paths[1].write_bytes(paths[1].read_bytes()[:5000])  # truncated by a crash
-    path, state = mvp.load_resume_checkpoint(str(run))
+    path, state = mvp.newest_checkpoint(str(run))
     assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out
-    torch.save({"format": 1, "payload": QuadraticCritic(torch.zeros(1))}, paths[1])  # an arbitrary pickled object
-    path, _ = mvp.load_resume_checkpoint(str(run))
+    # an arbitrary pickled object
+    torch.save({"format": mvp.CHECKPOINT_FORMAT, "payload": QuadraticCritic(torch.zeros(1))}, paths[1])
+    path, _ = mvp.newest_checkpoint(str(run))
     assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out  # weights_only refused it
     for p in paths:
         p.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="every checkpoint"):
-        mvp.load_resume_checkpoint(str(run))
+        mvp.newest_checkpoint(str(run))
 
 
 def test_plot_reads_a_real_runs_logs_on_one_step_axis(uninterrupted, tmp_path):
     """run_benchmarks.py plot: online rows count after the 200 offline steps, in the training and eval logs."""
     curves = run_benchmarks.run_curves(str(uninterrupted))
     assert list(curves["eval"]["success_rate"][0]) == [200, 500, 800, 1100]  # offline 200; online 300, 600, 900
-    assert list(curves["eval"]["bc_success_rate"][1]) == [float(r["bc_success_rate"]) for r in read_csv(uninterrupted / "eval.csv")]
+    rows = read_csv(uninterrupted / "eval.csv")
+    assert list(curves["eval"]["bc_success_rate"][1]) == [float(r["bc_success_rate"]) for r in rows]
     steps = curves["train"]["critic_loss"][0]
     assert steps[0] == 20 and steps[9] == 200 and steps[10] == 240 and steps[-1] == 1100
     out = run_benchmarks.main(["plot", str(uninterrupted), str(uninterrupted), "--out", str(tmp_path / "c.png")])
@@ -1130,8 +1202,10 @@ def test_a_finished_run_continues_online_exactly_as_the_longer_run(data_dir, uni
     offline-only run; it logs what the run with those steps from the start logs. Phases cannot shrink,
     and the offline one cannot change once the online one has begun."""
     run = tmp_path / "run"
-    run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", data_dir, "--run-dir", str(run))
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000150.pt", "resume-0000000200.pt"]
+    run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", data_dir, "--run-dir",
+            str(run))
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000150.pt",
+                                                                          "resume-0000000200.pt"]
     assert _evals(run) == _evals(uninterrupted)[:1]
     run_cli("--resume", str(run), "--online-steps", "900")
     assert _losses(run) == _losses(uninterrupted)
@@ -1151,6 +1225,42 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(uninterrupted, tm
     assert proc.returncode == 1 and "--ivc-coef 1.0, not 0.5" in proc.stderr
     proc = run_cli("--resume", str(tmp_path), check=False)
     assert proc.returncode == 1 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_another_device_type_or_dataset(uninterrupted, tmp_path):
+    """A run's random streams live on its device (a CPU generator state is 5,056 bytes, a CUDA one 16), and its
+    offline rows come from the dataset it trained on: a resume that would change either is refused, by name."""
+    for key, value, message in (("device_type", "cuda", "resume with --device cuda"),
+                                ("dataset", dict(source="elsewhere.npz", rows=2000, crc32=1), "dataset (rows")):
+        run = tmp_path / key
+        shutil.copytree(uninterrupted, run)
+        path, state = mvp.newest_checkpoint(str(run))
+        mvp.save_checkpoint(path, {**state, key: value})
+        proc = run_cli("--resume", str(run), check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_loaded_optimizers_take_this_runs_capturable_setting():
+    """Optimizer.load_state_dict restores the saved param groups' capturable flag: a run saved without CUDA graphs
+    and resumed with them would fail at capture. load_learner sets it from the learner being loaded."""
+    args = mvp.Args(hidden_dim=8, num_layers=1)
+    state = mvp.checkpoint_state(mvp.make_learner(37, 25, args, torch.device("cpu")), args, {})
+    learner = mvp.make_learner(37, 25, args, torch.device("cpu"))
+    learner.cuda_graph = True  # as a CUDA run with graphs is built
+    mvp.load_learner(learner, state)
+    assert all(g["capturable"] for g in learner.policy_opt.param_groups + learner.critic_opt.param_groups)
+
+
+def test_eval_only_of_a_graphed_cuda_run_works_on_a_cpu(tmp_path, monkeypatch):
+    """--eval-only takes how to run (device, CUDA graphs) from today's flags, not from the training run's."""
+    args = mvp.Args(hidden_dim=8, num_layers=1)
+    learner = mvp.make_learner(37, 25, args, torch.device("cpu"))
+    trained = mvp.Args(hidden_dim=8, num_layers=1, device="cuda", cuda_graph="on")
+    path = str(tmp_path / "c.pt")
+    mvp.save_checkpoint(path, mvp.checkpoint_state(learner, trained, dict(env_name=ENV, obs_dim=37, action_dim=5)))
+    monkeypatch.setattr(mvp, "env_from_checkpoint", lambda ckpt: None)
+    monkeypatch.setattr(mvp, "evaluate", lambda learner, *a, **k: dict(graphed=learner.cuda_graph))
+    assert mvp.main(["--eval-only", "--checkpoint", path, "--device", "cpu"]) == dict(graphed=False)
 
 
 def test_a_fresh_run_never_writes_over_another_run(uninterrupted, tmp_path, capsys):
@@ -1176,7 +1286,8 @@ def test_unwritable_run_dir_and_full_disk_are_reported_before_training(tmp_path,
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     proc = run_cli(*TINY, "--run-dir", str(blocker / "run"), "--offline-steps", "5", check=False)
-    assert proc.returncode == 1 and "cannot write to the run directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "cannot write to the run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
     learner = mvp.make_learner(37, 25, mvp.Args(), torch.device("cpu"))
     monkeypatch.setattr(mvp.shutil, "disk_usage", lambda p: type("U", (), dict(free=10**6))())
     with pytest.raises(SystemExit, match="GB free, but this run's checkpoints need about"):
@@ -1285,7 +1396,8 @@ def test_error_measures_are_zero_for_the_truth_and_exact_for_an_offset():
 
     def oracle(offset):
         def net(s, x, t, r):
-            return toy_2d.true_mean_velocity(target.double(), s.double(), x.double(), t.double(), r.double(), 100).float() + offset
+            return toy_2d.true_mean_velocity(target.double(), s.double(), x.double(), t.double(), r.double(),
+                                             100).float() + offset
         return net
     assert max(toy_2d.mean_velocity_errors(oracle(0.0), probes, False)) < 1e-8
     assert toy_2d.mean_velocity_errors(oracle(d), probes, False) == pytest.approx([0.25] * len(probes), rel=1e-4)
@@ -1343,8 +1455,10 @@ def test_variants_reach_mvp_sample_times(tmp_path, monkeypatch):
     """Each MVP variant's (t, r) sampler settings reach mvp.sample_times, and --variants trains only those named."""
     seen = []
     real = mvp.sample_times
-    monkeypatch.setattr(mvp, "sample_times", lambda *a, **kw: seen.append((kw["sampler"], kw.get("one_step_frac", 0.0), kw["equal_frac"])) or real(*a, **kw))
-    toy_2d.main(["--quick", "--variants", "mvp,mvp_logitnormal,mvp_gap,mvp_onestep,meanflow", "--out-dir", str(tmp_path)])
+    monkeypatch.setattr(mvp, "sample_times", lambda *a, **kw: seen.append(
+        (kw["sampler"], kw.get("one_step_frac", 0.0), kw["equal_frac"])) or real(*a, **kw))
+    toy_2d.main(["--quick", "--variants", "mvp,mvp_logitnormal,mvp_gap,mvp_onestep,meanflow", "--out-dir",
+                 str(tmp_path)])
     assert set(seen) == {("uniform", 0.0, 0.0), ("logit_normal", 0.0, 0.0), ("gap_uniform", 0.0, 0.0),
                          ("uniform", 0.25, 0.0), ("uniform", 0.0, 0.5)}
     assert set(json.loads((tmp_path / "toy_2d.json").read_text())["results"]["ring8"]["u_err"]) == \
@@ -1376,7 +1490,7 @@ LIFT_OBS_DIM = 3 + 4 + 2 + 10  # eef pos, eef quat, gripper qpos, object-state (
 def lift_file(tmp_path_factory):
     """A small scripted Lift file, recorded once for the whole session."""
     path = str(tmp_path_factory.mktemp("robomimic") / "lift_scripted.hdf5")
-    mvp.generate_scripted("lift", path, NUM_DEMOS, seed=0)
+    prepare_robomimic.generate_scripted("lift", path, NUM_DEMOS, seed=0)
     return path
 
 
@@ -1511,7 +1625,7 @@ def test_env_scripted_rollout_succeeds_and_seeding(lift_loaded):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     assert all(np.array_equal(x, y) for x, y in zip(state[1:3], np.random.get_state()[1:3]))  # global RNG untouched
-    policy = mvp.ScriptedLift(np.random.default_rng(0))
+    policy = prepare_robomimic.ScriptedLift(np.random.default_rng(0))
     env.reset(seed=7)
     rewards = []
     for _ in range(env.max_episode_steps):
@@ -1567,35 +1681,62 @@ def test_env_truncates_at_cap(lift_loaded):
 def test_generation_is_deterministic_and_reused(lift_file, tmp_path):
     import h5py
     other = str(tmp_path / "again.hdf5")
-    mvp.generate_scripted("lift", other, NUM_DEMOS, seed=0)
+    prepare_robomimic.generate_scripted("lift", other, NUM_DEMOS, seed=0)
     with h5py.File(lift_file, "r") as f, h5py.File(other, "r") as g:
         for d in f["data"]:
             np.testing.assert_array_equal(f["data"][d]["actions"][()], g["data"][d]["actions"][()])
             np.testing.assert_array_equal(f["data"][d]["obs/object"][()], g["data"][d]["obs/object"][()])
     mtime = os.path.getmtime(other)
-    mvp.generate_scripted("lift", other, NUM_DEMOS, seed=0)  # same settings: reused, not rewritten
+    prepare_robomimic.generate_scripted("lift", other, NUM_DEMOS, seed=0)  # same settings: reused, not rewritten
     assert os.path.getmtime(other) == mtime
     assert not os.path.exists(other + ".tmp")
+
+
+def test_scripted_generation_resumes_after_an_interruption_to_the_same_bytes(lift_file, tmp_path, monkeypatch):
+    """Each attempt's outcome is kept as it finishes; a rerun continues from the next attempt and writes the file
+    an uninterrupted run writes, byte for byte (no timestamps, no wall-clock figures inside)."""
+    attempt, started = prepare_robomimic._attempt, []
+
+    def interrupted_at_the_third(*a, **k):
+        if len(started) == 2:
+            raise KeyboardInterrupt
+        started.append(1)
+        return attempt(*a, **k)
+
+    monkeypatch.setattr(prepare_robomimic, "_attempt", interrupted_at_the_third)
+    path = tmp_path / "again.hdf5"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_robomimic.generate_scripted("lift", str(path), NUM_DEMOS, seed=0)
+    assert len(list((tmp_path / "again.hdf5.parts").glob("attempt_*.npz"))) == 2 and not path.exists()
+    monkeypatch.undo()
+    prepare_robomimic.generate_scripted("lift", str(path), NUM_DEMOS, seed=0)
+    assert path.read_bytes() == open(lift_file, "rb").read() and not (tmp_path / "again.hdf5.parts").exists()
 
 
 def test_generation_never_overwrites_a_human_file(tmp_path):
     path = str(tmp_path / "human.hdf5")
     write_synthetic(path)
     with pytest.raises(mvp.DatasetError, match="not generated by this project"):
-        mvp.generate_scripted("lift", path, 1, seed=0)
+        prepare_robomimic.generate_scripted("lift", path, 1, seed=0)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
-def test_missing_file_names_url_and_path(tmp_path, monkeypatch):
-    def offline(url, path, timeout=30.0):
-        raise OSError("network unreachable")
-    monkeypatch.setattr(mvp, "download", offline)
+def test_missing_file_names_the_download_and_the_scripted_alternative(tmp_path, monkeypatch):
+    """mvp.py needs no network: a missing robomimic file is an error naming the download command, the URL and the
+    path to put it at, and the scripted demos (not the paper's data); the download command names them when offline."""
     with pytest.raises(mvp.DatasetError) as e:
         mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
-    msg = str(e.value)
-    assert mvp.dataset_url("lift") in msg and str(tmp_path / "lift/mh/low_dim_v141.hdf5") in msg
-    assert "--generate-data" in msg
+    msg, path = str(e.value), str(tmp_path / "lift/mh/low_dim_v141.hdf5")
+    assert mvp.dataset_url("lift") in msg and path in msg and "python prepare_robomimic.py lift --download" in msg
+    assert "python prepare_robomimic.py lift, then --dataset-dir" in msg and "not the paper's data" in msg
     assert mvp.dataset_url("square") == "http://downloads.cs.stanford.edu/downloads/rt_benchmark/square/mh/low_dim_v141.hdf5"
+
+    def offline(url, path, timeout=30.0):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(prepare_robomimic, "download", offline)
+    with pytest.raises(SystemExit, match=f"downloading {mvp.dataset_url('lift')} failed.*put it at {path}"):
+        prepare_robomimic.main(["lift", "--download", "--dataset-dir", str(tmp_path)])
 
 
 def test_corrupt_file_says_delete_and_regenerate(tmp_path):
@@ -1605,7 +1746,7 @@ def test_corrupt_file_says_delete_and_regenerate(tmp_path):
     with pytest.raises(mvp.DatasetError) as e:
         mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
     msg = str(e.value)
-    assert str(path) in msg and "--generate-data" in msg and "re-download" in msg
+    assert str(path) in msg and "python prepare_robomimic.py lift" in msg and "re-download" in msg
 
 
 def test_file_of_another_task_is_named(tmp_path, lift_file):
@@ -1631,7 +1772,7 @@ def test_task_table():
 def test_can_scripted_file_and_env(tmp_path):
     """Can is scripted too: one demo, loaded, and replayed step for step to success in the env from its metadata."""
     path = str(tmp_path / "can.hdf5")
-    mvp.generate_scripted("can", path, 1, seed=0)
+    prepare_robomimic.generate_scripted("can", path, 1, seed=0)
     ds, make_env = mvp.load_robomimic("can", dataset_dir=path)
     assert ds["observations"].shape[1] == 3 + 4 + 2 + 14 and ds["terminals"][-1] == 1
     env, reward, terminated, info = replay_first_demo(ds, make_env)
@@ -1640,24 +1781,25 @@ def test_can_scripted_file_and_env(tmp_path):
 
 
 def test_square_has_no_demonstrator(tmp_path, monkeypatch):
-    monkeypatch.setattr(mvp, "download", lambda url, path, timeout=30.0: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(mvp.DatasetError, match="no scripted demonstrator for square"):
         mvp.load_robomimic("square", dataset_dir=str(tmp_path))
     with pytest.raises(mvp.DatasetError, match="no scripted demonstrator"):
-        mvp.load_robomimic("square", dataset_dir=str(tmp_path), generate=True, num_demos=1)
+        prepare_robomimic.generate_scripted("square", str(tmp_path / "sq.hdf5"), 1, seed=0)
+    proc = run_cli("--env", "lift", "--generate-data", "--dataset-dir", str(tmp_path), check=False)
+    assert proc.returncode == 1 and "python prepare_robomimic.py lift" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_download_is_atomic_and_checks_the_format(tmp_path, lift_file):
     """download() through a file:// URL: an HDF5 file arrives whole; anything else leaves nothing behind."""
     import pathlib
     dest = tmp_path / "root/lift/mh/low_dim_v141.hdf5"
-    mvp.download(pathlib.Path(lift_file).as_uri(), str(dest))
+    prepare_robomimic.download(pathlib.Path(lift_file).as_uri(), str(dest))
     assert dest.read_bytes() == pathlib.Path(lift_file).read_bytes()
     page = tmp_path / "error.html"
     page.write_text("<html>404</html>")
     bad = tmp_path / "other/lift/mh/low_dim_v141.hdf5"
     with pytest.raises(OSError, match="did not return an HDF5 file"):
-        mvp.download(page.as_uri(), str(bad))
+        prepare_robomimic.download(page.as_uri(), str(bad))
     assert not (tmp_path / "other").exists()
 
 
@@ -1671,21 +1813,29 @@ def test_file_of_another_robosuite_version_is_refused(tmp_path):
 def test_end_to_end_lift_on_scripted_demos(tmp_path):
     """The same CLI and loops as OGBench: record 3 scripted demos, offline + online + eval, then --eval-only."""
     run = tmp_path / "run"
-    proc = run_cli("--env", "lift", "--generate-data", "--dataset-episodes", "3", "--dataset-dir", str(tmp_path / "data"),
+    prep = subprocess.run([sys.executable, os.path.join(HERE, "prepare_robomimic.py"), "lift", "--demos", "3",
+                           "--dataset-dir", str(tmp_path / "data")], capture_output=True, text=True, cwd=HERE,
+                           timeout=600)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    data_file = next((tmp_path / "data" / "lift" / "scripted").glob("*.hdf5"))
+    assert f"python mvp.py --env lift --dataset-dir {data_file}" in prep.stdout
+    proc = run_cli("--env", "lift", "--dataset-dir", str(data_file),
                    "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "32", "--num-candidates", "4",
                    "--offline-steps", "60", "--online-steps", "80", "--start-training", "20", "--eval-interval", "0",
                    "--eval-episodes", "1", "--log-interval", "20", "--run-dir", str(run), "--threads", "1",
                    "--save-interval", "30")
     assert "SCRIPTED demos" in proc.stderr
     import h5py
-    with h5py.File(next((tmp_path / "data" / "lift" / "scripted").glob("*.hdf5"))) as f:  # the demonstrator's noise
+    with h5py.File(data_file) as f:  # the demonstrator's noise
         steps = np.concatenate([np.diff(f["data"][k]["actions"][:, :3], axis=0) for k in f["data"]])
     assert steps.std(axis=0).min() > 0.3  # iid noise of std 0.3 per step: about 0.42 (with 0.05: 0.07 to 0.2)
     # every 30 steps and at each phase's end; the online one (60 + 80) truncates the unfinished episode
-    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000060.pt", "resume-0000000140.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000060.pt",
+                                                                          "resume-0000000140.pt"]
     evals = read_csv(run / "eval.csv")
     assert [(r["phase"], r["step"]) for r in evals] == [("offline", "60"), ("online", "80")]
-    assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))  # no contact info
+    # no contact info
+    assert math.isnan(float(evals[-1]["contact_frac"])) and np.isfinite(float(evals[-1]["bc_q0_mean"]))
     assert [int(r["step"]) for r in read_csv(run / "online.csv")] == [40, 60, 80]
     for ckpt in (run / "checkpoint.pt", run / "checkpoints" / "resume-0000000060.pt"):  # also a run's snapshots
         out = run_cli("--eval-only", "--checkpoint", str(ckpt), "--eval-episodes", "1")

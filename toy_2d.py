@@ -62,12 +62,16 @@ class ToyArgs:
     num_layers: int = field(default=3, metadata=dict(help="hidden layers of the mean-velocity MLP"))
     ivc_coef: float = field(default=1.0, metadata=dict(help="lambda of the mvp variants"))
     equal_frac: float = field(default=0.5, metadata=dict(help="fraction of r = t rows in the meanflow variant"))
-    eval_samples: int = field(default=16384, metadata=dict(help="samples per distance (per state for the conditional target)"))
+    eval_samples: int = field(default=16384,
+                              metadata=dict(help="samples per distance (per state for the conditional target)"))
     eval_points: int = field(default=1024, metadata=dict(help="points per probe set for the u* error"))
     ode_steps: int = field(default=100, metadata=dict(help="RK4 steps per unit time when integrating the true flow"))
-    targets: str = field(default="ring8", metadata=dict(help=f"comma-separated target names: {', '.join(TARGET_NAMES)}"))
-    variants: str = field(default="mf,mvp,meanflow,fm", metadata=dict(help=f"comma-separated variants: {', '.join(VARIANT_NAMES)}"))
-    full: bool = field(default=False, metadata=dict(help="the full grid: every target and variant (overrides --targets, --variants)"))
+    targets: str = field(default="ring8",
+                         metadata=dict(help=f"comma-separated target names: {', '.join(TARGET_NAMES)}"))
+    variants: str = field(default="mf,mvp,meanflow,fm",
+                          metadata=dict(help=f"comma-separated variants: {', '.join(VARIANT_NAMES)}"))
+    full: bool = field(default=False,
+                       metadata=dict(help="the full grid: every target and variant (overrides --targets, --variants)"))
     workers: int = field(default=2, metadata=dict(help="training processes (1: train in this process)"))
     curve_points: int = field(default=8, metadata=dict(help="SW2 evaluations during each training run (0: none)"))
     out_dir: str = field(default="toy_out", metadata=dict(help="where toy_2d.png, toy_2d_ivc.png and toy_2d.json go"))
@@ -82,7 +86,8 @@ class ToyArgs:
         return list(VARIANT_NAMES) if self.full else self.variants.split(",")
 
 
-QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40, workers=1, curve_points=2)
+QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40, workers=1,
+             curve_points=2)
 
 
 def parse_args(argv=None) -> ToyArgs:
@@ -99,7 +104,8 @@ def parse_args(argv=None) -> ToyArgs:
     if args.quick:  # the budgets of QUICK, where the flag was left at its default
         defaults = {f.name: f.default for f in dataclasses.fields(ToyArgs)}
         args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == defaults[k]})
-    for name, given, known in [("targets", args.target_list, TARGET_NAMES), ("variants", args.variant_list, VARIANT_NAMES)]:
+    for name, given, known in [("targets", args.target_list, TARGET_NAMES),
+                               ("variants", args.variant_list, VARIANT_NAMES)]:
         unknown = set(given) - set(known)
         if unknown:
             parser.error(f"unknown --{name} {sorted(unknown)}; choose from {', '.join(known)}")
@@ -248,7 +254,8 @@ def truth_probes(target: MixtureTarget, n: int, ode_steps: int, generator) -> li
         t = t_fn()
         s, x = draw_from_p_t(target, n, t, generator)
         u_star = true_mean_velocity(tgt64, s, x, t, t + gap, ode_steps)
-        probes.append(dict(name=name, gap=gap, s=s, x=x, t=t, r=t + gap, u_star=u_star, v_star=true_velocity(tgt64, s, x, t)))
+        probes.append(dict(name=name, gap=gap, s=s, x=x, t=t, r=t + gap, u_star=u_star,
+                           v_star=true_velocity(tgt64, s, x, t)))
     return probes
 
 
@@ -330,13 +337,15 @@ def make_variants(args: ToyArgs) -> dict[str, Variant]:
     variants pay a JVP and a second forward per step (mvp.policy_loss evaluates L_IVC even at lambda
     = 0), flow matching one forward. The last three are MVP with the other (t, r) samplers of mvp.py."""
     def mean_flow(name, label, ivc_coef, equal_frac=0.0, **sampler):
-        return Variant(name, mean_flow_loss_fn(ivc_coef, equal_frac, **sampler), {name: (label, one_step_unclipped)}, True)
+        return Variant(name, mean_flow_loss_fn(ivc_coef, equal_frac, **sampler), {name: (label, one_step_unclipped)},
+                       True)
     variants = [
         mean_flow("mf", "L_MF only (λ = 0), 1 step", 0.0),
         mean_flow("mvp", f"MVP (λ = {args.ivc_coef:g}), 1 step", args.ivc_coef),
         mean_flow("meanflow", f"MeanFlow ({args.equal_frac:.0%} r = t), 1 step", 0.0, args.equal_frac),
-        Variant("fm", flow_matching_loss, {"fm_1step": ("flow matching, 1 Euler step", lambda n, o, e: euler(n, o, e, 1)),
-                                           "fm_10step": ("flow matching, 10 Euler steps", lambda n, o, e: euler(n, o, e, 10))}, False),
+        Variant("fm", flow_matching_loss,
+                {"fm_1step": ("flow matching, 1 Euler step", lambda n, o, e: euler(n, o, e, 1)),
+                 "fm_10step": ("flow matching, 10 Euler steps", lambda n, o, e: euler(n, o, e, 10))}, False),
         mean_flow("mvp_logitnormal", "MVP, logit-normal (t, r), 1 step", args.ivc_coef, sampler="logit_normal"),
         mean_flow("mvp_gap", "MVP, r - t ~ U(0, 1), 1 step", args.ivc_coef, sampler="gap_uniform"),
         mean_flow("mvp_onestep", "MVP, 25% of rows at (0, 1), 1 step", args.ivc_coef, one_step_frac=0.25),
@@ -502,7 +511,8 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def markdown_table(results: dict, variants: dict) -> str:
     """One row per sampler: SW2 of its samples, and its network's errors against the truth."""
-    rows = ["| target | sampler | SW2 to target | boundary error, t ~ U(0, 1) | u* error, t = 0, r = 0.5 | u* error, t = 0, r = 1 |",
+    rows = ["| target | sampler | SW2 to target | boundary error, t ~ U(0, 1) | u* error, t = 0, r = 0.5 "
+            "| u* error, t = 0, r = 1 |",
             "| --- | --- | --- | --- | --- | --- |"]
     col = {g: 1 + GAPS.index(g) for g in (0.5, 1.0)}  # probe 0 is the boundary
     for tname, res in results.items():
@@ -610,8 +620,10 @@ def plot_ivc(ivc: dict, path: str):
         for col, (t_val, m) in enumerate(ivc["maps"][vname]["maps"].items(), start=1):
             ax = axes[row, col]
             im = ax.imshow(m["err"], origin="lower", extent=(-ext, ext, -ext, ext), norm=norm, cmap="magma")
-            ax.contour(m["density"], levels=4, origin="lower", extent=(-ext, ext, -ext, ext), colors="w", linewidths=0.5)
-            ax.set_title(f"|u(x,t,t) - v*(x,t)| at t = {t_val}\nE over p_t of its square: {ivc['mse'][vname][col - 1]:.3f}", fontsize=8)
+            ax.contour(m["density"], levels=4, origin="lower", extent=(-ext, ext, -ext, ext), colors="w",
+                       linewidths=0.5)
+            ax.set_title(f"|u(x,t,t) - v*(x,t)| at t = {t_val}\nE over p_t of its square: "
+                         f"{ivc['mse'][vname][col - 1]:.3f}", fontsize=8)
         for ax in axes[row]:
             ax.set_xlim(-ext, ext), ax.set_ylim(-ext, ext), ax.set_aspect("equal")
             ax.set_xticks([]), ax.set_yticks([])
@@ -649,12 +661,14 @@ def run(args: ToyArgs) -> dict:
                    u_err={v: [None] * args.seeds for v in variants}, curve={v: [None] * args.seeds for v in variants})
         results[name] = res
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        samples[name] = {"target": {s: target.sample(torch.full((2000, 1), s), gen).numpy() for s in scatter_states(target)}}
+        samples[name] = {"target": {s: target.sample(torch.full((2000, 1), s),
+                                                     gen).numpy() for s in scatter_states(target)}}
     jobs = [(t, v, seed, args) for seed in range(args.seeds) for t in targets for v in variants]
     ivc_target = next(iter(targets))
     if not targets[ivc_target].conditional and {"mf", "mvp"} & set(variants):
         ivc = dict(target=ivc_target, maps={}, samples={}, sw={}, mse={}, labels={})
-    for (tname, vname, seed), state, curve in tqdm(run_jobs(jobs, args.workers), total=len(jobs), desc="training", unit="run"):
+    for (tname, vname, seed), state, curve in tqdm(run_jobs(jobs, args.workers), total=len(jobs), desc="training",
+                                                   unit="run"):
         target, variant, res = targets[tname], variants[vname], results[tname]
         net = mvp.MeanVelocityNet(obs_dim=1, act_dim=2, hidden_dim=args.hidden_dim, num_layers=args.num_layers)
         net.load_state_dict(state)
@@ -695,7 +709,8 @@ def main(argv=None):
     print(report["table"])
     print(f"\nSW2: sliced Wasserstein-2 over {args.eval_samples} samples, 32 directions; errors on {args.eval_points} "
           f"points per probe. {args.seeds} seeds x {args.steps} steps, {report['seconds']:.0f} s with "
-          f"{args.workers} worker(s). Wrote toy_2d.png, toy_2d.json{' and toy_2d_ivc.png' if report['ivc_boundary_mse'] else ''} "
+          f"{args.workers} worker(s). Wrote toy_2d.png, toy_2d.json"
+          f"{' and toy_2d_ivc.png' if report['ivc_boundary_mse'] else ''} "
           f"in {args.out_dir}")
     return report
 

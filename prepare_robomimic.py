@@ -1,0 +1,343 @@
+"""Make or fetch robomimic low-dim data for mvp.py: the human datasets' download, or scripted demos.
+
+The paper trains on robomimic's multi-human files (low_dim_v141.hdf5, recorded with robosuite 1.4.1):
+    python prepare_robomimic.py lift --download        # to ~/.robomimic/lift/mh/low_dim_v141.hdf5
+    python mvp.py --env lift
+Where they cannot be downloaded, a scripted demonstrator records Lift or Can demos in the same layout.
+They are NOT the paper's data (one noisy controller instead of many people), and results on them are not
+comparable to the paper's; the file is marked so, and mvp.py says so when it loads one:
+    python prepare_robomimic.py lift --demos 100      # about a minute on one core
+    python mvp.py --env lift --dataset-dir ~/.robomimic/lift/scripted/low_dim_scripted_100demos_seed0.hdf5
+Each finished attempt is kept as it comes (Ctrl-C loses only the one under way); a rerun with the same
+settings continues where it stopped and writes the same bytes as an uninterrupted run.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+import mvp
+
+
+def robomimic_env_args(task: str) -> dict:
+    """The env_args robomimic stores for a task's v141 low-dim file (used to record scripted data).
+
+    Same structure as robomimic's EnvRobosuite.serialize(): env_name, env_version, type 1
+    (robosuite), env_kwargs with robosuite's default OSC_POSE controller, Panda, 20 Hz, sparse
+    reward, no cameras. Loading a real file always uses the file's own env_args instead."""
+    robosuite = mvp.import_robosuite()
+    from robosuite.controllers import load_controller_config
+    return dict(
+        env_name=mvp.ROBOMIMIC_TASKS[task]["env_name"], env_version=robosuite.__version__, type=1,
+        env_kwargs=dict(has_renderer=False, has_offscreen_renderer=False, ignore_done=True,
+                        use_object_obs=True, use_camera_obs=False, control_freq=20,
+                        controller_configs=load_controller_config(default_controller="OSC_POSE"),
+                        robots=["Panda"], camera_depths=False, camera_heights=84, camera_widths=84,
+                        reward_shaping=False))
+
+
+
+def download(url: str, path: str, timeout: float = 30.0):
+    """Fetch url to path (through path + '.tmp', then renamed, so a partial file is never used)."""
+    import urllib.request
+    from tqdm import tqdm
+    folder = os.path.dirname(path) or "."
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    tmp, ok = path + ".tmp", False
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as out:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                while chunk := r.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        with open(tmp, "rb") as f:  # an HTML error page saved as .hdf5 would only fail later, less clearly
+            if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                raise OSError(f"{url} did not return an HDF5 file")
+        os.replace(tmp, path)
+        ok = True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if created and not ok:  # leave no empty folders behind a failed download
+            try:
+                os.removedirs(folder)
+            except OSError:
+                pass
+
+
+
+# Std of the noise on the scripted translation actions. Lift, 5k offline steps at 2x256: with 0.05 the demos
+# were too alike for the critic to rank actions and best-of-N trailed the policy alone (0.40 vs 0.96);
+# with 0.3: 0.96 vs 0.98.
+SCRIPTED_NOISE_STD = 0.3
+
+
+class ScriptedPick:
+    """A phase machine for scripted demos with OSC_POSE delta actions: reach above an object, descend,
+    close the gripper; subclasses add what follows the grasp. Each call returns one 7-D action: a
+    proportional move of the end effector towards the phase's target, Gaussian noise on the
+    translation (noise_std: the spread of actions the critic learns to rank), and the gripper command."""
+
+    def __init__(self, rng, noise_std: float = SCRIPTED_NOISE_STD, gain: float = 10.0):
+        self.rng, self.noise_std, self.gain = rng, noise_std, gain
+        self.phase, self.t_phase = "reach", 0
+
+    def _next(self, phase):
+        self.phase, self.t_phase = phase, 0
+
+    def _pick(self, eef, obj, hover: float, depth: float):
+        """(target, grip) of the reach / descend / grasp phases; phases fall through within one call."""
+        target, grip = None, -1.0
+        if self.phase == "reach":
+            target = obj + np.array([0.0, 0.0, hover])
+            if np.linalg.norm((target - eef)[:2]) < 0.01 and abs((target - eef)[2]) < 0.02 or self.t_phase > 80:
+                self._next("descend")
+        if self.phase == "descend":
+            target = obj + np.array([0.0, 0.0, depth])
+            if np.linalg.norm(target - eef) < 0.01 or self.t_phase > 40:
+                self._next("grasp")
+        if self.phase == "grasp":
+            target, grip = obj + np.array([0.0, 0.0, depth]), 1.0
+            if self.t_phase >= 12:
+                self._next("lift")
+        return target, grip
+
+    def _act(self, eef, target, grip: float) -> np.ndarray:
+        self.t_phase += 1
+        action = np.zeros(7)
+        action[:3] = self.gain * (target - eef) + self.rng.normal(0.0, self.noise_std, 3)
+        action[6] = grip
+        return np.clip(action, -1.0, 1.0)
+
+
+class ScriptedLift(ScriptedPick):
+    """Reach above the cube, descend, close the gripper, lift: a proportional controller on OSC_POSE deltas.
+
+    Reads the cube position from robosuite's observation dict (privileged, fine for a demonstrator).
+    The gripper is not turned to the cube's yaw: the cube (about 4 cm) fits the 8 cm opening at any
+    yaw and the fingers square it up while closing."""
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        eef, cube = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["cube_pos"])
+        target, grip = self._pick(eef, cube, hover=0.06, depth=-0.005)
+        if self.phase == "lift":
+            target, grip = np.array([cube[0], cube[1], cube[2] + 0.15]), 1.0
+        return self._act(eef, target, grip)
+
+
+class ScriptedCan(ScriptedPick):
+    """Pick the can, carry it high over the bin wall to the can's target compartment, drop it, back off.
+
+    robosuite's Can success needs the can inside its compartment of the second bin AND the gripper
+    away from it, hence the release-and-retreat phases. Same controller and noise as ScriptedLift."""
+
+    CARRY_Z, DROP_Z = 1.05, 0.95
+
+    def __init__(self, rng, noise_std: float = SCRIPTED_NOISE_STD, gain: float = 10.0, target_xy=(0.1975, 0.4025)):
+        super().__init__(rng, noise_std, gain)
+        self.target_xy = np.asarray(target_xy, dtype=np.float64)
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        eef, can = np.asarray(obs["robot0_eef_pos"]), np.asarray(obs["Can_pos"])
+        tx, ty = self.target_xy
+        target, grip = self._pick(eef, can, hover=0.08, depth=0.0)
+        if self.phase == "lift":
+            target, grip = np.array([eef[0], eef[1], self.CARRY_Z]), 1.0
+            if eef[2] > self.CARRY_Z - 0.03 or self.t_phase > 60:
+                self._next("carry")
+        if self.phase == "carry":
+            target, grip = np.array([tx, ty, self.CARRY_Z]), 1.0
+            if np.linalg.norm((target - eef)[:2]) < 0.02 or self.t_phase > 100:
+                self._next("lower")
+        if self.phase == "lower":
+            target, grip = np.array([tx, ty, self.DROP_Z]), 1.0
+            if abs(eef[2] - self.DROP_Z) < 0.02 or self.t_phase > 40:
+                self._next("release")
+        if self.phase == "release":  # grip is left as set above: open, except on the step that enters release
+            target = np.array([tx, ty, self.DROP_Z])
+            if self.t_phase >= 10:
+                self._next("retreat")
+        if self.phase == "retreat":
+            target = np.array([tx, ty, self.CARRY_Z + 0.05])
+        return self._act(eef, target, grip)
+
+
+SCRIPTED = {"lift": ScriptedLift, "can": ScriptedCan}
+
+
+
+def _robomimic_obs(env) -> dict:
+    """robomimic's stored observation keys: 'object' plus every robot0_* entry except proprio-state."""
+    out = {"object": np.array(env.raw_obs["object-state"], np.float64)}  # copies: robosuite reuses its buffers
+    out.update({k: np.array(v, np.float64) for k, v in env.raw_obs.items()
+                if k.startswith("robot0_") and not k.endswith("proprio-state")})
+    return out
+
+
+def scripted_dataset_path(task: str, num_demos: int, seed: int, dataset_dir: str = None) -> str:
+    """A separate 'scripted' folder and name, so a human file is never shadowed."""
+    root = os.path.expanduser(dataset_dir or mvp.DEFAULT_ROOT)
+    return os.path.join(root, task, "scripted", f"low_dim_scripted_{num_demos}demos_seed{seed}.hdf5")
+
+
+def _attempt(task: str, env, seed: int, j: int, noise_std: float):
+    """Attempt j: reset and action noise from SeedSequence([seed, j]), so it depends on (seed, j) alone. Runs
+    until success (rewards and dones are 1 only on the last row) or the task's cap; returns the demo or None."""
+    env_seed, policy_seed = np.random.SeedSequence([seed, j]).generate_state(2)
+    kwargs = {}
+    if task == "can":  # the can's target compartment is not in the observation
+        kwargs["target_xy"] = tuple(float(x) for x in env.env.target_bin_placements[env.env.object_id][:2])
+    policy = SCRIPTED[task](np.random.default_rng(policy_seed), noise_std=noise_std, **kwargs)
+    env.reset(seed=int(env_seed))
+    rec, done, success = {k: [] for k in ("obs", "next_obs", "actions", "rewards", "dones", "states")}, False, False
+    while not done:
+        rec["obs"].append(_robomimic_obs(env))
+        rec["states"].append(np.asarray(env.env.sim.get_state().flatten()))
+        # executed as float32 (what the loader returns), stored exactly: a replay of the loaded demo is the
+        # recording bit for bit; contacts amplify a 3e-8 rounding into another outcome on some CPUs
+        action = policy(env.raw_obs).astype(np.float32).astype(np.float64)
+        _, _, success, truncated, _ = env.step(action)
+        done = success or truncated
+        rec["next_obs"].append(_robomimic_obs(env))
+        rec["actions"].append(action)
+        rec["rewards"].append(float(success))
+        rec["dones"].append(int(done))
+    if not success:
+        return None
+    demo = {f"{p}/{k}": np.stack([o[k] for o in rec[p]]) for p in ("obs", "next_obs") for k in rec[p][0]}
+    return demo | dict(actions=np.stack(rec["actions"]), rewards=np.asarray(rec["rewards"], np.float64),
+                       dones=np.asarray(rec["dones"], np.int64), states=np.stack(rec["states"]))
+
+
+def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise_std: float = SCRIPTED_NOISE_STD,
+                      max_attempts: int = None) -> str:
+    """Record num_demos successful scripted demos of `task` in robomimic's HDF5 layout at path.
+
+    The env is built from robomimic's env_args for the task, exactly as a loaded file's env is. Failed attempts
+    are dropped and counted; data.attrs['mvp_scripted'] records the settings and the success rate. A file with
+    the same settings is reused; a file without the marker is never overwritten. Each attempt's outcome is kept
+    in <path>.parts/ as it finishes, so an interrupted run continues; the file is written whole at the end."""
+    if task not in SCRIPTED:
+        raise mvp.DatasetError(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the "
+                               f"human data: python prepare_robomimic.py {task} --download")
+    h5py = _import_h5py()
+    from tqdm import tqdm
+    cap = mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"]
+    settings = dict(demonstrator=f"{SCRIPTED[task].__name__} (mvp scripted, not human data)", task=task,
+                    num_demos=num_demos, seed=seed, noise_std=noise_std, max_episode_steps=cap,
+                    actions="float32 as executed")
+    if os.path.exists(path):
+        try:
+            with h5py.File(path, "r") as f:
+                old = json.loads(f["data"].attrs["mvp_scripted"]) if "mvp_scripted" in f["data"].attrs else None
+        except Exception:
+            old = "unreadable"
+        if old is None:
+            raise mvp.DatasetError(f"{path} exists and was not generated by this project (a human dataset?); "
+                                   f"refusing to overwrite it. Move it or pass another --dataset-dir.")
+        if isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items()):
+            return path
+        print(f"[robomimic] regenerating {path} (settings differ or file unreadable)", file=sys.stderr)
+    parts = path + ".parts"
+    marker = os.path.join(parts, "settings.json")
+    if os.path.exists(marker) and json.load(open(marker)) != settings:
+        shutil.rmtree(parts)  # parts of another generation: start over
+    os.makedirs(parts, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(settings, f)
+    done = sorted(glob.glob(os.path.join(parts, "attempt_*.npz")))
+    successes, attempts = sum(os.path.getsize(p) > 0 for p in done), len(done)
+    env_args = robomimic_env_args(task)
+    env = mvp.RobomimicEnv(env_args, cap, source="scripted generator")
+    max_attempts, started = max_attempts or 3 * num_demos + 10, time.time()
+    bar = tqdm(total=num_demos, initial=successes, desc=f"scripted {task} demos", unit="demo", dynamic_ncols=True)
+    while successes < num_demos and attempts < max_attempts:
+        demo = _attempt(task, env, seed, attempts, noise_std)
+        part = os.path.join(parts, f"attempt_{attempts:06d}.npz")
+        if demo is None:
+            open(part, "wb").close()  # an empty file: this attempt failed
+        else:
+            np.savez(part + ".tmp.npz", **demo)
+            os.replace(part + ".tmp.npz", part)
+        attempts, successes = attempts + 1, successes + (demo is not None)
+        bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.2f}", refresh=False)
+        bar.update(int(demo is not None))
+    bar.close()
+    env.close()
+    if successes < num_demos:
+        raise mvp.DatasetError(f"scripted {task} demonstrator succeeded in only {successes} of {attempts} attempts; "
+                               f"cannot record {num_demos} demos")
+    settings.update(attempts=attempts, success_rate=round(successes / attempts, 4))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    demos = [p for p in sorted(glob.glob(os.path.join(parts, "attempt_*.npz"))) if os.path.getsize(p) > 0]
+    total = 0
+    try:
+        with h5py.File(path + ".tmp", "w", track_order=True) as f:  # no timestamps: same settings, same bytes
+            data = f.create_group("data", track_order=True)
+            for i, p in enumerate(demos[:num_demos]):
+                g = data.create_group(f"demo_{i}", track_order=True)
+                with np.load(p) as demo:
+                    for k in demo.files:
+                        g.create_dataset(k, data=demo[k], track_times=False)
+                    g.attrs["num_samples"] = n = len(demo["actions"])
+                total += n
+            data.attrs["total"] = total
+            data.attrs["env_args"] = json.dumps(env_args, indent=4)
+            data.attrs["mvp_scripted"] = json.dumps(settings)
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+    shutil.rmtree(parts)
+    print(f"[robomimic] wrote {num_demos} scripted {task} demos ({total} steps) to {path}; scripted success rate "
+          f"{settings['success_rate']:.2f} ({attempts} attempts, {time.time() - started:.0f} s)", file=sys.stderr)
+    return path
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise SystemExit(f"error: h5py is not installed ({e}). Run: pip install -r requirements.txt")
+    return h5py
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="robomimic data for mvp.py: download the human file, or record "
+                                                 "scripted demos (not the paper's data).")
+    parser.add_argument("task", choices=sorted(mvp.ROBOMIMIC_TASKS))
+    parser.add_argument("--download", action="store_true", help="fetch the multi-human v141 low-dim file")
+    parser.add_argument("--demos", type=int, default=100, help="scripted demos to record (lift, can)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scripted demos")
+    parser.add_argument("--dataset-dir", help=f"data root (default {mvp.DEFAULT_ROOT})")
+    args = parser.parse_args(argv)
+    if args.demos < 1:
+        parser.error(f"--demos must be >= 1 (got {args.demos})")
+    try:
+        if args.download:
+            path, url = mvp.default_dataset_path(args.task, args.dataset_dir), mvp.dataset_url(args.task)
+            try:
+                download(url, path)
+            except Exception as e:
+                raise SystemExit(f"error: downloading {url} failed ({type(e).__name__}: {e}); fetch it elsewhere "
+                                 f"and put it at {path}")
+            print(f"train on it: python mvp.py --env {args.task}" +
+                  (f" --dataset-dir {args.dataset_dir}" if args.dataset_dir else ""))
+        else:
+            path = generate_scripted(args.task, scripted_dataset_path(args.task, args.demos, args.seed,
+                                                                      args.dataset_dir), args.demos, args.seed)
+            print(f"train on it (scripted demos, not the paper's data): python mvp.py --env {args.task} "
+                  f"--dataset-dir {path}")
+    except mvp.DatasetError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
