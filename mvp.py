@@ -7,10 +7,6 @@ velocity constraint (IVC) pins the boundary u(a, t, t) = v that the identity alo
 policy only imitates; a Q-critic ensemble improves behaviour by picking the best of N one-step
 candidates, offline on a dataset and then online.
 
-Read top to bottom: arguments, networks, mean-flow maths, acting, RL losses, the replay buffer, one
-update, train(). Below the PLUMBING fence: data loading, environments, CUDA graphs, evaluation, logs,
-checkpoints and resume, all safe to skip.
-
 Commands:
     python mvp.py --env cube-double              # paper protocol, OGBench's default task (task 2); days on a CPU
     python mvp.py --env cube-single-task1 --hidden-dim 256 --num-layers 2 --dataset-episodes 150 \
@@ -71,11 +67,6 @@ def arg(default, help: str, choices=None, range: str | None = None):
     return field(default=default, metadata=dict(help=help, choices=choices, range=range))
 
 
-def in_range(x: float, spec: str) -> bool:
-    lo, hi = (float(v) for v in spec[1:-1].split(","))
-    return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
-
-
 @dataclass
 class Args:
     env: str = arg("cube-double", "OGBench task, full name or alias (cube-single, cube-double = task 2, "
@@ -83,11 +74,9 @@ class Args:
     seed: int = arg(0, "seed for networks, sampling and environments")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     threads: int = arg(0, "CPU threads for torch (0: torch's default); 1 on a busy shared machine", range="[0, inf)")
-    cuda_graph: str = arg("auto", "replay each update and best-of-N acting as a CUDA graph (auto: on with CUDA)",
-                          choices=("auto", "on", "off"))
+    cuda_graph: str = arg("auto", "replay updates and acting as CUDA graphs (auto: with CUDA)", ("auto", "on", "off"))
     compile: bool = arg(False, "torch.compile the training step: fewer, fused kernels (compiling takes minutes)")
-    matmul_precision: str = arg("high", "CUDA float32 matmuls: high (TF32, JAX's default, so Q-chunking's) | highest",
-                                choices=("high", "highest"))
+    matmul_precision: str = arg("high", "CUDA float32 matmuls: high (TF32, as JAX) | highest", ("high", "highest"))
     # protocol [QC]
     offline_steps: int = arg(1_000_000, "offline gradient steps on the dataset", range="[0, inf)")
     online_steps: int = arg(1_000_000, "online environment steps (1 update per step)", range="[0, inf)")
@@ -106,8 +95,7 @@ class Args:
     select_dtype: str = arg("float32", "bfloat16: the critic target's N candidates under bfloat16 autocast "
                             "(only fast where the hardware has bfloat16) [choice]", choices=("float32", "bfloat16"))
     # policy: MVP, or the flow-matching baselines that share everything else
-    policy: str = arg("mvp", "mvp (one-step mean flow) | flow (Q-chunking's flow matching, --flow-steps Euler steps)",
-                      choices=("mvp", "flow"))
+    policy: str = arg("mvp", "mvp (one-step mean flow) | flow (Q-chunking's flow matching)", ("mvp", "flow"))
     flow_steps: int = arg(10, "Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)", range="[1, inf)")
     # MVP policy loss [paper]
     ivc_coef: float = arg(1.0, "lambda on L_IVC; 0 is the paper's ablation", range="[0, inf)")
@@ -116,10 +104,9 @@ class Args:
     time_mu: float = arg(-0.4, "logit-normal mean (MeanFlow's value)")
     time_sigma: float = arg(1.0, "logit-normal std (MeanFlow's value)")
     equal_tr_frac: float = arg(0.0, "fraction of L_MF rows with r = t (MeanFlow's implicit boundary)", range="[0, 1]")
-    one_step_frac: float = arg(0.0, "fraction of L_MF rows with (t, r) = (0, 1), the map acting uses [choice]",
-                               range="[0, 1]")
-    imitation_target: str = arg("buffer", "online policy target: buffer (the replay buffer's chunks) | best_of_n "
-                                "(a* recomputed)", choices=("buffer", "best_of_n"))
+    one_step_frac: float = arg(0.0, "fraction of L_MF rows with (t, r) = (0, 1) [choice]", range="[0, 1]")
+    imitation_target: str = arg("buffer", "online policy target: buffer chunks | best_of_n (a* recomputed)",
+                                ("buffer", "best_of_n"))
     # evaluation and logging
     eval_interval: int = arg(100_000, "evaluate every this many steps per phase (0: only at its end)", range="[0, inf)")
     eval_episodes: int = arg(50, "episodes per evaluation", range="[1, inf)")
@@ -136,8 +123,8 @@ class Args:
     data_workers: int = arg(0, "worker processes for generation (0: all cores)", range="[0, inf)")
     # output
     run_dir: str | None = arg(None, "output directory (default runs/<env>_s<seed>_<time>)")
-    save_interval: int = arg(50_000, "write a resumable checkpoint every this many steps per phase and at its end "
-                             "(0: only by --save-minutes; Ctrl-C always saves)", range="[0, inf)")
+    save_interval: int = arg(50_000, "resumable checkpoint every this many steps per phase and at its end (0: "
+                             "none by steps)", range="[0, inf)")
     save_minutes: float = arg(30.0, "also write one when this many minutes have passed since the last (0: never)",
                               range="[0, inf)")
     resume: str | None = arg(None, "continue the run in this directory from its newest good checkpoint")
@@ -145,8 +132,8 @@ class Args:
     eval_only: bool = arg(False, "only evaluate --checkpoint")
 
 
-def parse_args(argv=None) -> Args:
-    """Build an argparse parser from the dataclass (flags use dashes) and check every value's range."""
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser from the dataclass: one flag per field, with dashes."""
     parser = argparse.ArgumentParser(description="MVP: mean velocity policy (offline-to-online RL).",
                                      allow_abbrev=False)
     for f in dataclasses.fields(Args):
@@ -157,7 +144,12 @@ def parse_args(argv=None) -> Args:
             kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
             parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"],
                                 help=f"{meta['help']} (default {f.default})")
-    argv = sys.argv[1:] if argv is None else argv
+    return parser
+
+
+def parse_args(argv=None) -> Args:
+    """Parse the command line, then check every value's range and the combinations argparse cannot."""
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
     args = Args(**vars(parser.parse_args(argv)))
     args._explicit = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
     problems = []
@@ -187,10 +179,8 @@ def parse_args(argv=None) -> Args:
 
 
 def pick_device(name: str, threads: int = 0, matmul_precision: str = "high") -> torch.device:
-    """The one place that decides CPU vs CUDA, torch's CPU threads and whether CUDA matmuls may use TF32.
-
-    On a machine whose cores are busy with other work, torch's multi-threaded CPU kernels stall
-    waiting for each other: on 2 shared cores we measured 1 thread 7x faster than 2."""
+    """The one place that decides CPU vs CUDA, torch's CPU threads (on 2 busy cores 1 thread ran 7x faster
+    than 2: multi-threaded kernels stall waiting for each other) and whether CUDA matmuls may use TF32."""
     if threads:
         torch.set_num_threads(threads)
     if name == "auto":
@@ -201,6 +191,8 @@ def pick_device(name: str, threads: int = 0, matmul_precision: str = "high") -> 
     if name.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = matmul_precision == "high"
     return torch.device(name)
+
+
 # ================================================================================================
 # Networks
 # ================================================================================================
@@ -273,13 +265,10 @@ def sample_times(batch_size: int, sampler: str, mu: float, sigma: float, equal_f
                  generator: torch.Generator, device, one_step_frac: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r) with 0 <= t <= r <= 1, each of shape (B, 1) [choice: not given in the paper].
 
-    uniform and logit_normal (MeanFlow's) draw two times and sort them. Two sorted uniforms make
-    r - t > 0.9 a 1% event, yet acting only ever uses r - t = 1; gap_uniform draws the gap
-    r - t ~ U(0, 1) first, then t ~ U(0, 1 - gap), so every gap is as likely. With continuous draws
-    r != t almost surely, so L_MF never sees the boundary and only L_IVC pins it. equal_frac > 0
-    sets r = t on that fraction of rows (MeanFlow's implicit boundary); one_step_frac > 0 sets
-    (t, r) = (0, 1) on that fraction: the very map a = eps + u(eps, 0, 1) that acting uses.
-    """
+    uniform and logit_normal (MeanFlow's) sort two draws, so r - t > 0.9 is a 1% event, yet acting uses
+    r - t = 1; gap_uniform draws r - t ~ U(0, 1), then t ~ U(0, 1 - gap). r != t almost surely, so only
+    L_IVC pins the boundary; equal_frac sets r = t on that fraction of rows (MeanFlow's implicit boundary),
+    one_step_frac (t, r) = (0, 1), the very map a = eps + u(eps, 0, 1) that acting uses."""
     if sampler == "uniform":
         x = torch.rand(batch_size, 2, generator=generator, device=device)
         t, r = x.min(dim=1).values, x.max(dim=1).values
@@ -387,10 +376,8 @@ def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=o
     """Generate N candidates per state with `sample` (MVP: one_step) and keep a* = argmax_i mean_k Q_k(s, a_i).
 
     obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging. block > 0 scores
-    `block` states at a time; selection is per state, so the result is the same. On CPU this is
-    faster: over all 256 x 32 rows each (K, rows, 512) critic activation is 32 MiB, which the allocator
-    returns to the OS and page-faults back in on every op; blocks of 32 states stay in cache (the
-    critic target ran 1.6x faster for MVP, 1.25x for flow-10, run_benchmarks.py speed)."""
+    `block` states at a time (the same result): on CPU, blocks of 32 states stay in cache where a 32 MiB
+    (K, 8192, 512) activation is page-faulted back on every op (critic target 1.6x faster for MVP)."""
     if 0 < block < obs.shape[0]:
         parts = [best_of_n(policy, critic, o, num_candidates, generator, sample) for o in obs.split(block)]
         return torch.cat([a for a, _ in parts]), torch.cat([q for _, q in parts])
@@ -441,10 +428,9 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 class ReplayBuffer:
     """Flat transitions in one preallocated device tensor; offline data first, online steps appended.
 
-    Chunks are read as h consecutive rows; 'terminals' marks the last row of each episode, 'masks'
-    is 0 where bootstrapping must stop (success). Each field is a column block of one (capacity, width)
-    tensor, so appending a transition is a single host-to-device copy, and the number of rows is also
-    kept on the device, so sampling needs no host value and can be replayed inside a CUDA graph."""
+    Chunks are h consecutive rows; 'terminals' marks each episode's last row, 'masks' is 0 where
+    bootstrapping stops (success). Fields are column blocks of one tensor (an append is one copy) and
+    the row count lives on the device, so sampling needs no host value and replays in a CUDA graph."""
 
     FIELDS = (("obs", "observations"), ("actions", "actions"), ("rewards", "rewards"), ("masks", "masks"),
               ("terminals", "terminals"), ("next_obs", "next_observations"))
@@ -501,7 +487,6 @@ class ReplayBuffer:
         return dict(obs=self.store["obs"][idx],
                     actions=self.store["actions"][rows].reshape(batch_size, -1),  # (B, h * action_dim)
                     reward_sum=reward_sum, mask=mask, valid=valid, next_obs=self.store["next_obs"][last])
-
 
 
 # ================================================================================================
@@ -600,13 +585,11 @@ def make_train_step(learner: Learner, buffer, imitation: Callable, args: Args, g
     return CUDAGraphed(step, generator) if learner.cuda_graph else step
 
 
-
 # ================================================================================================
 # Training: an offline loop on the dataset, the replay-buffer hand-off, an online loop. Every *when*
 # (log, evaluate, save) is written here; *how* (files, progress bars, signals, resume) is Run's.
 # ================================================================================================
-def due(step: int, interval: int, total: int) -> bool:
-    """Every `interval` steps of a phase (0: never) and at its last step."""
+def due(step: int, interval: int, total: int) -> bool:  # every `interval` steps (0: never) and at the last
     return bool(interval and step % interval == 0) or step == total
 
 
@@ -668,6 +651,12 @@ def train(args: Args, resume: dict | None = None) -> dict:
 # Tasks and data, environments, CUDA graphs, evaluation, logs, checkpoints, resume: safe to skip.
 # Nothing below changes the algorithm; env-specific details stay here and never reach the loops.
 # ================================================================================================
+def in_range(x: float, spec: str) -> bool:
+    """x in an interval written "[lo, hi)", "(0, 1]", ... (the ranges of Args)."""
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
+
+
 class DatasetError(Exception):
     """A dataset file is missing, unreadable or does not match the environment."""
 
@@ -859,8 +848,12 @@ class RobomimicEnv:
         kwargs = dict(env_args.get("env_kwargs", {}), has_renderer=False, has_offscreen_renderer=False,
                       use_camera_obs=False, use_object_obs=True, ignore_done=True, camera_depths=False,
                       hard_reset=False)
-        state = np.random.get_state()  # robosuite's constructor resets the scene from the global RNG
+        # robosuite draws part of the model (Lift: the cube's size) from NumPy's global RNG when it builds the env,
+        # and resets keep the model: built from a fixed seed, every process (training, evaluation workers, the
+        # scripted recorder, --eval-only) has the same one; the caller's global state is put back
+        state = np.random.get_state()
         try:
+            np.random.seed(0)
             self.env = robosuite.make(env_args["env_name"], **kwargs)
         except (TypeError, KeyError, ValueError, AssertionError) as e:  # kwargs of another robosuite version
             raise DatasetError(f"{source}: robosuite {robosuite.__version__} cannot build {self.env_name} from the "
@@ -1450,10 +1443,10 @@ class Run:
         state = checkpoint_state(self.learner, self.args, self.task, pos=self.pos, evals=self.evals,
                                  rng=rng_states(self.gen, self.device), buffer_rows=rows,
                                  env_rng=dict(self.env.unwrapped.np_random.bit_generator.state))
-        tag = self.pos["offline"] + self.pos["online"]
-        save_checkpoint(path or os.path.join(self.dir, "checkpoints", f"resume-{tag:010d}.pt"), state,
-                        keep=0 if path else KEEP_CHECKPOINTS)
-        self.bar.write(f"[mvp] checkpoint {path or tag}")
+        keep, tag = (0, None) if path else (KEEP_CHECKPOINTS, self.pos["offline"] + self.pos["online"])
+        path = path or os.path.join(self.dir, "checkpoints", f"resume-{tag:010d}.pt")
+        save_checkpoint(path, state, keep=keep)
+        self.bar.write(f"[mvp] checkpoint {path}")
         self.saved_at = time.time()
 
     def on_signal(self, signum, frame):

@@ -5,9 +5,12 @@ The public cube-{single,double,triple}-play-v0 files were recorded this way: the
 whenever it is done. The files written here have OGBench's format, so OGBench's own loader reads them:
     python prepare_ogbench.py --env cube-double               # 1000 + 100 episodes, about an hour on 2 cores
     python mvp.py --env cube-double-task1 --dataset-dir <the folder it prints>
-mvp.py calls generate_dataset itself when OGBench's download fails. Finished episodes are kept as they
-come (Ctrl-C loses only the ones under way); a rerun with the same settings continues where it stopped
-and writes the same bytes as an uninterrupted run.
+mvp.py calls generate_dataset itself when OGBench's download fails (it imports this file, never the reverse).
+
+Finished episodes are kept as they come, in <out_dir>/<name>.parts/: Ctrl-C loses only the ones under way,
+and a rerun with the same settings makes only the missing ones. Every episode depends on (seed, index)
+alone and the files carry no timestamps, so the same settings give the same bytes: in one go, resumed,
+or with any number of workers.
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ P_STACK_RANGE = {"cube-single-play-v0": (0.0, 0.0), "cube-double-play-v0": (0.0,
 EPISODE_STEPS = 1001  # the public files' episode length
 GENERATED_KEY = "mvp_generated"  # a string array inside each generated npz: its settings as JSON
 KEYS = ("observations", "actions", "terminals", "qpos", "qvel")
+GENERATOR = "prepare_ogbench.py (actions stored as executed, float32)"  # a new recipe gets a new name
 
 
 class DataError(Exception):
@@ -37,27 +41,35 @@ def default_generated_dir(dataset_name: str, episodes: int, seed: int) -> str:
     return os.path.expanduser(f"~/.ogbench/generated/{dataset_name}_{episodes}ep_seed{seed}")
 
 
+def import_ogbench():
+    """Import OGBench (which registers its environments with gymnasium), quiet and with a clear error."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on OGBench's spaces
+    warnings.filterwarnings("ignore", module="glfw")  # no display: MuJoCo rendering is never used here
+    try:
+        import ogbench
+    except ImportError as e:
+        raise SystemExit(f"error: OGBench is not installed ({e}). Run: pip install -r requirements.txt")
+    return ogbench
+
+
+# ---- one episode, in a worker process ------------------------------------------------------------
 _worker = {}
 
 
 def _init_worker(collection_env: str):
-    import warnings
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")
-    warnings.filterwarnings("ignore", module="glfw")
     import gymnasium
-    try:
-        import ogbench  # noqa: F401  (registers the environments)
-        from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
-    except ImportError as e:
-        raise SystemExit(f"error: OGBench is not installed ({e}). Run: pip install -r requirements.txt")
+    import_ogbench()
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
     env = gymnasium.make(collection_env, terminate_at_goal=False, mode="data_collection",
                          max_episode_steps=EPISODE_STEPS)
     _worker.update(env=env, oracle=CubePlanOracle(env=env, noise=0.1, noise_smoothing=0.5))
 
 
 def _episode(job) -> tuple[int, dict]:
-    """One play episode. The planner draws from numpy's global RNG, so it is seeded per episode: an episode
-    depends only on (seed, index), whatever the number of workers or interruptions."""
+    """One play episode. The planner draws from numpy's global RNG, so it is seeded per episode, and a
+    data-collection reset clears MuJoCo's state: an episode depends only on (seed, index), whatever
+    the number of workers, the episodes a worker made before, or interruptions."""
     seed, index, p_lo, p_hi = job
     env, oracle = _worker["env"], _worker["oracle"]
     np.random.seed([seed, index])
@@ -78,18 +90,26 @@ def _episode(job) -> tuple[int, dict]:
     return index, {k: np.asarray(v, dtype=bool if k == "terminals" else np.float32) for k, v in rows.items()}
 
 
+# ---- files ----------------------------------------------------------------------------------------
 def write_npz(path: str, arrays: dict):
-    """np.savez_compressed's format with a fixed timestamp on every member, so the same arrays give the same
-    bytes; written to path.tmp, flushed to disk, then renamed (a half-written file never has the final name)."""
-    with open(path + ".tmp", "wb") as f:
-        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            for name, array in arrays.items():
-                with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                            force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """np.savez_compressed's format, but every member dated 1980-01-01 (savez stamps the current time), so
+    the same arrays give the same bytes. Written to path.tmp, flushed to disk, then renamed: a file with
+    the final name is always whole."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            with zipfile.ZipFile(f, "w") as z:
+                for name, array in arrays.items():
+                    member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                    member.compress_type = zipfile.ZIP_DEFLATED  # a ZipInfo ignores the ZipFile's compression
+                    with z.open(member, "w", force_zip64=True) as out:
+                        np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_settings(path: str):
@@ -101,83 +121,128 @@ def read_settings(path: str):
         raise DataError(f"cannot read {path} ({type(e).__name__}: {e}). Delete it and rerun to regenerate it.")
 
 
+def start_parts(parts: str, settings: dict):
+    """The parts folder of this generation: kept if it was made with the same settings, else started over."""
+    marker = os.path.join(parts, "settings.json")
+    try:
+        with open(marker) as f:
+            same = json.load(f) == settings
+    except (OSError, ValueError):  # no folder, or a marker cut short: nothing in it can be trusted
+        same = False
+    if not same:
+        shutil.rmtree(parts, ignore_errors=True)
+        os.makedirs(parts)
+        with open(marker + ".tmp", "w") as f:
+            json.dump(settings, f)
+        os.replace(marker + ".tmp", marker)
+
+
 def generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: int = 0, workers: int = 0) -> str:
     """Write <out_dir>/<dataset_name>.npz and -val.npz (a further 10% of episodes) in OGBench's format.
 
     Reuses files made with the same settings; refuses to overwrite files it did not make. Each finished
-    episode goes to <out_dir>/<dataset_name>.parts/ at once, so an interrupted run continues from there."""
-    from concurrent.futures import ProcessPoolExecutor
+    episode goes to <out_dir>/<dataset_name>.parts/ at once, so an interrupted run continues from there;
+    the two files are assembled from the parts at the end, which are then deleted."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
     from tqdm import tqdm
     os.makedirs(out_dir, exist_ok=True)
     train_path, val_path = (os.path.join(out_dir, f"{dataset_name}{s}.npz") for s in ("", "-val"))
+    parts = os.path.join(out_dir, f"{dataset_name}.parts")
     num_val = max(1, num_episodes // 10)
-    settings = dict(generator="prepare_ogbench.py (actions stored as executed, float32)", oracle="CubePlanOracle",
-                    noise=0.1, noise_smoothing=0.5, p_stack_range=list(P_STACK_RANGE[dataset_name]),
-                    episodes=num_episodes, val_episodes=num_val, episode_steps=EPISODE_STEPS, seed=seed)
-    existing = [p for p in (train_path, val_path) if os.path.exists(p)]
-    if any(read_settings(p) is None for p in existing):
-        raise DataError(f"{existing[0]} exists and was not generated by this project (an official OGBench file?); "
-                        f"refusing to overwrite it. Pass another --dataset-dir to generate elsewhere.")
-    if len(existing) == 2 and [read_settings(p) for p in (train_path, val_path)] == \
-            [{**settings, "split": s} for s in ("train", "val")]:
+    settings = dict(generator=GENERATOR, oracle="CubePlanOracle", noise=0.1, noise_smoothing=0.5,
+                    p_stack_range=list(P_STACK_RANGE[dataset_name]), episodes=num_episodes, val_episodes=num_val,
+                    episode_steps=EPISODE_STEPS, seed=seed)
+    existing = {p: read_settings(p) for p in (train_path, val_path) if os.path.exists(p)}
+    for p, made in existing.items():
+        if made is None:
+            raise DataError(f"{p} exists and was not generated by this project (an official OGBench file?); "
+                            f"refusing to overwrite it. Pass another --dataset-dir to generate elsewhere.")
+    if existing == {train_path: {**settings, "split": "train"}, val_path: {**settings, "split": "val"}}:
+        shutil.rmtree(parts, ignore_errors=True)  # left over if a run stopped after writing both files
         print(f"[data] reusing generated {train_path}")
         return out_dir
 
-    parts = os.path.join(out_dir, f"{dataset_name}.parts")
-    marker = os.path.join(parts, "settings.json")
-    if os.path.exists(marker) and json.load(open(marker)) != settings:
-        shutil.rmtree(parts)  # parts of another generation: start over
-    os.makedirs(parts, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(settings, f)
+    start_parts(parts, settings)
     total = num_episodes + num_val
     part = (lambda i: os.path.join(parts, f"episode_{i:06d}.npz"))
     todo = [i for i in range(total) if not os.path.exists(part(i))]
     workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
+    resumed = f" ({total - len(todo)} already done)" if len(todo) < total else ""
     print(f"[data] generating {num_episodes} + {num_val} episodes of {dataset_name} with OGBench's scripted planner "
-          f"on {workers} worker(s) into {out_dir}" + (f", {total - len(todo)} done" if len(todo) < total else ""))
+          f"on {workers} worker(s) into {out_dir}{resumed}")
     start = time.time()
     if todo:
+        import_ogbench()  # here, for a clear error: a worker's failure would only break the pool
         jobs = [(seed, i, *P_STACK_RANGE[dataset_name]) for i in todo]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(dataset_name.replace("-play", ""),)) as pool:  # cube-double-v0
-            for index, episode in tqdm(pool.map(_episode, jobs, chunksize=1), total=total, initial=total - len(todo),
-                                       desc="generating episodes", unit="ep", dynamic_ncols=True):
-                write_npz(part(index), episode)  # kept at once: Ctrl-C loses only the episodes under way
-    splits = (("val", range(num_episodes, total), val_path), ("train", range(num_episodes), train_path))
-    for split, indices, path in splits:
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),  # fresh interpreters, no forked state
+                                   initializer=_init_worker, initargs=(dataset_name.replace("-play", ""),))
+        try:
+            futures = [pool.submit(_episode, job) for job in jobs]
+            with tqdm(total=total, initial=total - len(todo), desc="generating episodes", unit="ep",
+                      dynamic_ncols=True) as bar:
+                for future in as_completed(futures):
+                    index, episode = future.result()
+                    write_npz(part(index), episode)  # kept at once, in whatever order episodes finish
+                    bar.update()
+        except KeyboardInterrupt:
+            done = sum(os.path.exists(part(i)) for i in range(total))
+            print(f"\n[data] interrupted: {done} of {total} episodes kept in {parts}; rerun to continue")
+            raise
+        finally:
+            pool.shutdown(cancel_futures=True)  # waits only for the episodes under way
+    for split, indices, path in (("val", range(num_episodes, total), val_path),
+                                 ("train", range(num_episodes), train_path)):  # train last: it means both are whole
         episodes = []
         for i in indices:
             with np.load(part(i)) as f:
                 episodes.append({k: f[k] for k in KEYS})
         arrays = {k: np.concatenate([e[k] for e in episodes]) for k in KEYS}
         arrays[GENERATED_KEY] = np.array(json.dumps({**settings, "split": split}))
-        write_npz(path, arrays)  # train last: its presence means both are complete
+        write_npz(path, arrays)
     shutil.rmtree(parts)
     print(f"[data] wrote {total * EPISODE_STEPS:,} steps in {time.time() - start:.0f}s")
     return out_dir
 
 
-def main(argv=None):
+# ---- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Make OGBench cube play data with OGBench's scripted planner.")
     parser.add_argument("--env", required=True, help="cube-single | cube-double | cube-triple (or cube-X-play-v0)")
     parser.add_argument("--episodes", type=int, help="training episodes (default: the public file's size)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset-dir", help="output folder (default ~/.ogbench/generated/<name>_<N>ep_seed<S>)")
     parser.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
+    return parser
+
+
+def dataset_name(env: str):
+    """cube-double, cube-double-play-v0 (or mvp's alias cube-double-task3) -> cube-double-play-v0; None if unknown."""
+    name = env if env.endswith("-play-v0") else env.split("-task")[0] + "-play-v0"
+    return name if name in PUBLIC_EPISODES else None
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    name = args.env if args.env.endswith("-play-v0") else args.env.split("-task")[0] + "-play-v0"
-    if name not in PUBLIC_EPISODES:
+    name = dataset_name(args.env)
+    if name is None:
         parser.error(f"unknown --env {args.env!r}; use one of {', '.join(n[:-8] for n in PUBLIC_EPISODES)}")
     if args.episodes is not None and args.episodes < 1:
-        parser.error(f"--episodes must be >= 1 (got {args.episodes})")
+        parser.error(f"--episodes must be >= 1 (got {args.episodes}); leave it out for the public size "
+                     f"({PUBLIC_EPISODES[name]})")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0 (got {args.seed})")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0 (got {args.workers}); 0 uses all cores")
     episodes = args.episodes or PUBLIC_EPISODES[name]
     out = os.path.expanduser(args.dataset_dir) if args.dataset_dir else default_generated_dir(name, episodes, args.seed)
     try:
         generate_dataset(name, out, episodes, args.seed, args.workers)
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # what was kept is already said
+        raise SystemExit(130)
     print(f"train on it: python mvp.py --env {name[:-8]}-task1 --dataset-dir {out}")
 
 

@@ -8,8 +8,10 @@ They are NOT the paper's data (one noisy controller instead of many people), and
 comparable to the paper's; the file is marked so, and mvp.py says so when it loads one:
     python prepare_robomimic.py lift --demos 100      # about a minute on one core
     python mvp.py --env lift --dataset-dir ~/.robomimic/lift/scripted/low_dim_scripted_100demos_seed0.hdf5
-Each finished attempt is kept as it comes (Ctrl-C loses only the one under way); a rerun with the same
-settings continues where it stopped and writes the same bytes as an uninterrupted run.
+
+Each attempt's outcome is kept as it finishes, in <file>.parts/: Ctrl-C loses only the one under way, and
+a rerun with the same settings continues with the next attempt. Attempt j depends on (seed, j) alone and
+the file holds no timestamps or timings, so the same settings give the same bytes, interrupted or not.
 """
 import argparse
 import glob
@@ -21,7 +23,31 @@ import time
 
 import numpy as np
 
-import mvp
+import mvp  # the task table, the env and the error type; mvp.py never imports this file
+
+
+def import_h5py():
+    try:
+        import h5py
+    except ImportError as e:
+        raise SystemExit(f"error: h5py is not installed ({e}). Run: pip install -r requirements.txt")
+    return h5py
+
+
+def import_robosuite():
+    """robosuite without its three 'No private macro file found!' start-up lines (not actionable here)."""
+    import logging
+    import warnings
+    logger = logging.getLogger("robosuite_logs")
+    if not logger.filters:
+        logger.addFilter(lambda r: "macro" not in r.getMessage())
+    warnings.filterwarnings("ignore", module="glfw")  # no display: rendering is never used
+    warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+    try:
+        import robosuite
+    except ImportError as e:
+        raise SystemExit(f"error: robosuite is not installed ({e}). Run: pip install -r requirements.txt")
+    return robosuite
 
 
 def robomimic_env_args(task: str) -> dict:
@@ -30,7 +56,7 @@ def robomimic_env_args(task: str) -> dict:
     Same structure as robomimic's EnvRobosuite.serialize(): env_name, env_version, type 1
     (robosuite), env_kwargs with robosuite's default OSC_POSE controller, Panda, 20 Hz, sparse
     reward, no cameras. Loading a real file always uses the file's own env_args instead."""
-    robosuite = mvp.import_robosuite()
+    robosuite = import_robosuite()
     from robosuite.controllers import load_controller_config
     return dict(
         env_name=mvp.ROBOMIMIC_TASKS[task]["env_name"], env_version=robosuite.__version__, type=1,
@@ -41,7 +67,7 @@ def robomimic_env_args(task: str) -> dict:
                         reward_shaping=False))
 
 
-
+# ---- the human data: a download --------------------------------------------------------------------
 def download(url: str, path: str, timeout: float = 30.0):
     """Fetch url to path (through path + '.tmp', then renamed, so a partial file is never used)."""
     import urllib.request
@@ -72,7 +98,7 @@ def download(url: str, path: str, timeout: float = 30.0):
                 pass
 
 
-
+# ---- scripted demonstrators ------------------------------------------------------------------------
 # Std of the noise on the scripted translation actions. Lift, 5k offline steps at 2x256: with 0.05 the demos
 # were too alike for the critic to rank actions and best-of-N trailed the policy alone (0.40 vs 0.96);
 # with 0.3: 0.96 vs 0.98.
@@ -172,6 +198,12 @@ class ScriptedCan(ScriptedPick):
 SCRIPTED = {"lift": ScriptedLift, "can": ScriptedCan}
 
 
+# ---- recording scripted demos ----------------------------------------------------------------------
+def scripted_dataset_path(task: str, num_demos: int, seed: int, dataset_dir: str = None) -> str:
+    """A separate 'scripted' folder and name, so a human file is never shadowed."""
+    root = os.path.expanduser(dataset_dir or mvp.DEFAULT_ROOT)
+    return os.path.join(root, task, "scripted", f"low_dim_scripted_{num_demos}demos_seed{seed}.hdf5")
+
 
 def _robomimic_obs(env) -> dict:
     """robomimic's stored observation keys: 'object' plus every robot0_* entry except proprio-state."""
@@ -179,12 +211,6 @@ def _robomimic_obs(env) -> dict:
     out.update({k: np.array(v, np.float64) for k, v in env.raw_obs.items()
                 if k.startswith("robot0_") and not k.endswith("proprio-state")})
     return out
-
-
-def scripted_dataset_path(task: str, num_demos: int, seed: int, dataset_dir: str = None) -> str:
-    """A separate 'scripted' folder and name, so a human file is never shadowed."""
-    root = os.path.expanduser(dataset_dir or mvp.DEFAULT_ROOT)
-    return os.path.join(root, task, "scripted", f"low_dim_scripted_{num_demos}demos_seed{seed}.hdf5")
 
 
 def _attempt(task: str, env, seed: int, j: int, noise_std: float):
@@ -216,6 +242,31 @@ def _attempt(task: str, env, seed: int, j: int, noise_std: float):
                        dones=np.asarray(rec["dones"], np.int64), states=np.stack(rec["states"]))
 
 
+def _read_marker(path: str, h5py):
+    """The settings a file was generated with; None if this project did not make it; 'unreadable'."""
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f["data"].attrs["mvp_scripted"]) if "mvp_scripted" in f["data"].attrs else None
+    except Exception:
+        return "unreadable"
+
+
+def _start_parts(parts: str, settings: dict):
+    """The parts folder of this generation: kept if it was made with the same settings, else started over."""
+    marker = os.path.join(parts, "settings.json")
+    try:
+        with open(marker) as f:
+            same = json.load(f) == settings
+    except (OSError, ValueError):  # no folder, or a marker cut short: nothing in it can be trusted
+        same = False
+    if not same:
+        shutil.rmtree(parts, ignore_errors=True)
+        os.makedirs(parts)
+        with open(marker + ".tmp", "w") as f:
+            json.dump(settings, f)
+        os.replace(marker + ".tmp", marker)
+
+
 def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise_std: float = SCRIPTED_NOISE_STD,
                       max_attempts: int = None) -> str:
     """Record num_demos successful scripted demos of `task` in robomimic's HDF5 layout at path.
@@ -223,74 +274,77 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     The env is built from robomimic's env_args for the task, exactly as a loaded file's env is. Failed attempts
     are dropped and counted; data.attrs['mvp_scripted'] records the settings and the success rate. A file with
     the same settings is reused; a file without the marker is never overwritten. Each attempt's outcome is kept
-    in <path>.parts/ as it finishes, so an interrupted run continues; the file is written whole at the end."""
+    in <path>.parts/ as it finishes (a demo's arrays, or an empty file for a failure), so an interrupted run
+    continues; the file is assembled from the parts at the end, which are then deleted."""
     if task not in SCRIPTED:
         raise mvp.DatasetError(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the "
-                               f"human data: python prepare_robomimic.py {task} --download")
-    h5py = _import_h5py()
+                               f"human data: python prepare_robomimic.py {task} --download (or fetch "
+                               f"{mvp.dataset_url(task)} and put it at {mvp.default_dataset_path(task)})")
+    h5py = import_h5py()
     from tqdm import tqdm
     cap = mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"]
     settings = dict(demonstrator=f"{SCRIPTED[task].__name__} (mvp scripted, not human data)", task=task,
                     num_demos=num_demos, seed=seed, noise_std=noise_std, max_episode_steps=cap,
-                    actions="float32 as executed")
+                    actions="float32, as executed")  # files from before this rule lack the key: regenerated
+    parts = path + ".parts"
     if os.path.exists(path):
-        try:
-            with h5py.File(path, "r") as f:
-                old = json.loads(f["data"].attrs["mvp_scripted"]) if "mvp_scripted" in f["data"].attrs else None
-        except Exception:
-            old = "unreadable"
+        old = _read_marker(path, h5py)
         if old is None:
             raise mvp.DatasetError(f"{path} exists and was not generated by this project (a human dataset?); "
                                    f"refusing to overwrite it. Move it or pass another --dataset-dir.")
         if isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items()):
+            shutil.rmtree(parts, ignore_errors=True)  # left over if a run stopped after writing the file
+            print(f"[robomimic] reusing {path}", file=sys.stderr)
             return path
         print(f"[robomimic] regenerating {path} (settings differ or file unreadable)", file=sys.stderr)
-    parts = path + ".parts"
-    marker = os.path.join(parts, "settings.json")
-    if os.path.exists(marker) and json.load(open(marker)) != settings:
-        shutil.rmtree(parts)  # parts of another generation: start over
-    os.makedirs(parts, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(settings, f)
-    done = sorted(glob.glob(os.path.join(parts, "attempt_*.npz")))
-    successes, attempts = sum(os.path.getsize(p) > 0 for p in done), len(done)
+
+    _start_parts(parts, settings)
+    part = (lambda j: os.path.join(parts, f"attempt_{j:06d}.npz"))
+    attempts = len(glob.glob(os.path.join(parts, "attempt_*.npz")))  # attempts run one by one: 0 .. attempts-1
+    successes = sum(os.path.getsize(part(j)) > 0 for j in range(attempts))
     env_args = robomimic_env_args(task)
-    env = mvp.RobomimicEnv(env_args, cap, source="scripted generator")
     max_attempts, started = max_attempts or 3 * num_demos + 10, time.time()
-    bar = tqdm(total=num_demos, initial=successes, desc=f"scripted {task} demos", unit="demo", dynamic_ncols=True)
-    while successes < num_demos and attempts < max_attempts:
-        demo = _attempt(task, env, seed, attempts, noise_std)
-        part = os.path.join(parts, f"attempt_{attempts:06d}.npz")
-        if demo is None:
-            open(part, "wb").close()  # an empty file: this attempt failed
-        else:
-            np.savez(part + ".tmp.npz", **demo)
-            os.replace(part + ".tmp.npz", part)
-        attempts, successes = attempts + 1, successes + (demo is not None)
-        bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.2f}", refresh=False)
-        bar.update(int(demo is not None))
-    bar.close()
-    env.close()
+    if successes < num_demos:
+        env = mvp.RobomimicEnv(env_args, cap, source="scripted generator")  # the model every process builds
+        try:
+            with tqdm(total=num_demos, initial=successes, desc=f"scripted {task} demos", unit="demo",
+                      dynamic_ncols=True) as bar:
+                while successes < num_demos and attempts < max_attempts:
+                    demo = _attempt(task, env, seed, attempts, noise_std)
+                    with open(part(attempts) + ".tmp", "wb") as f:  # an empty file: this attempt failed
+                        if demo is not None:
+                            np.savez(f, **demo)
+                    os.replace(part(attempts) + ".tmp", part(attempts))
+                    attempts, successes = attempts + 1, successes + (demo is not None)
+                    bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.2f}", refresh=False)
+                    bar.update(int(demo is not None))
+        except KeyboardInterrupt:
+            print(f"\n[robomimic] interrupted: {attempts} attempts ({successes} demos) kept in {parts}; rerun to "
+                  f"continue", file=sys.stderr)
+            raise
+        finally:
+            env.close()
     if successes < num_demos:
         raise mvp.DatasetError(f"scripted {task} demonstrator succeeded in only {successes} of {attempts} attempts; "
                                f"cannot record {num_demos} demos")
+
+    # the file, from the parts. h5py records no timestamps unless asked (track_times), so same demos, same bytes
     settings.update(attempts=attempts, success_rate=round(successes / attempts, 4))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    demos = [p for p in sorted(glob.glob(os.path.join(parts, "attempt_*.npz"))) if os.path.getsize(p) > 0]
-    total = 0
+    demos, total = [part(j) for j in range(attempts) if os.path.getsize(part(j)) > 0], 0
     try:
-        with h5py.File(path + ".tmp", "w", track_order=True) as f:  # no timestamps: same settings, same bytes
-            data = f.create_group("data", track_order=True)
-            for i, p in enumerate(demos[:num_demos]):
-                g = data.create_group(f"demo_{i}", track_order=True)
+        with h5py.File(path + ".tmp", "w") as f:
+            data = f.create_group("data")
+            for i, p in enumerate(demos):
+                g = data.create_group(f"demo_{i}")
                 with np.load(p) as demo:
-                    for k in demo.files:
+                    for k in demo.files:  # obs/..., next_obs/..., actions, rewards, dones, states
                         g.create_dataset(k, data=demo[k], track_times=False)
                     g.attrs["num_samples"] = n = len(demo["actions"])
                 total += n
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(env_args, indent=4)
-            data.attrs["mvp_scripted"] = json.dumps(settings)
+            data.attrs["mvp_scripted"] = json.dumps(settings)  # mvp.py's loader reads it and warns
         os.replace(path + ".tmp", path)
     finally:
         if os.path.exists(path + ".tmp"):
@@ -301,15 +355,8 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     return path
 
 
-def _import_h5py():
-    try:
-        import h5py
-    except ImportError as e:
-        raise SystemExit(f"error: h5py is not installed ({e}). Run: pip install -r requirements.txt")
-    return h5py
-
-
-def main(argv=None):
+# ---- command line -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="robomimic data for mvp.py: download the human file, or record "
                                                  "scripted demos (not the paper's data).")
     parser.add_argument("task", choices=sorted(mvp.ROBOMIMIC_TASKS))
@@ -317,26 +364,40 @@ def main(argv=None):
     parser.add_argument("--demos", type=int, default=100, help="scripted demos to record (lift, can)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scripted demos")
     parser.add_argument("--dataset-dir", help=f"data root (default {mvp.DEFAULT_ROOT})")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demos < 1:
-        parser.error(f"--demos must be >= 1 (got {args.demos})")
-    try:
-        if args.download:
-            path, url = mvp.default_dataset_path(args.task, args.dataset_dir), mvp.dataset_url(args.task)
+    task, url, human = args.task, mvp.dataset_url(args.task), mvp.default_dataset_path(args.task, args.dataset_dir)
+    if args.download:
+        if os.path.exists(human):
+            print(f"[robomimic] {human} is already there")
+        else:
             try:
-                download(url, path)
+                download(url, human)
             except Exception as e:
                 raise SystemExit(f"error: downloading {url} failed ({type(e).__name__}: {e}); fetch it elsewhere "
-                                 f"and put it at {path}")
-            print(f"train on it: python mvp.py --env {args.task}" +
-                  (f" --dataset-dir {args.dataset_dir}" if args.dataset_dir else ""))
-        else:
-            path = generate_scripted(args.task, scripted_dataset_path(args.task, args.demos, args.seed,
-                                                                      args.dataset_dir), args.demos, args.seed)
-            print(f"train on it (scripted demos, not the paper's data): python mvp.py --env {args.task} "
-                  f"--dataset-dir {path}")
+                                 f"and put it at {human}")
+        print(f"train on it: python mvp.py --env {task}" + (f" --dataset-dir {args.dataset_dir}" if args.dataset_dir
+                                                             else ""))
+        return
+    if task not in SCRIPTED:
+        parser.error(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the human data: "
+                     f"python prepare_robomimic.py {task} --download (fetches {url} to {human})")
+    if args.demos < 1:
+        parser.error(f"--demos must be >= 1 (got {args.demos})")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0 (got {args.seed})")
+    try:
+        path = generate_scripted(task, scripted_dataset_path(task, args.demos, args.seed, args.dataset_dir),
+                                 args.demos, args.seed)
     except mvp.DatasetError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # what was kept is already said
+        raise SystemExit(130)
+    print(f"train on it (scripted demos, not the paper's data): python mvp.py --env {task} --dataset-dir {path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Commands:
     python run_benchmarks.py suite --preset cpu --tasks cube-double-task1 --seeds 0 1 --methods mvp flow10
     python run_benchmarks.py suite --preset paper --tasks cube-double-task4 --seeds 0 1 2 3 4 --dry-run
     python run_benchmarks.py suite ... --launcher slurm --slurm-partition gpu   # one SLURM job per run
+    python run_benchmarks.py suite ... --extra "--tau 0.02 --eval-episodes 20"  # mvp.py flags, one quoted string
     python run_benchmarks.py envs                         # robomimic env steps/s per task
     python run_benchmarks.py plot runs/RUN [runs/RUN2 ...]    # one run's (or several runs') curves as a figure
 """
@@ -24,6 +25,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -67,8 +69,8 @@ PRESETS = {
     # the CPU learning check on cube-single (the ladder's first rung): offline only, 150 + 15 generated play
     # episodes, 2x256 networks, paper batch and N; 15k steps (MVP about 40 min per run), or 6k with -short
     "cube-single-cpu": ["--hidden-dim", "256", "--num-layers", "2", "--offline-steps", "15000", "--online-steps", "0",
-                        "--eval-interval", "5000", "--eval-episodes", "20", "--dataset-episodes", "150", "--threads",
-                        "1"],
+                        "--eval-interval", "5000", "--eval-episodes", "20", "--dataset-episodes", "150",
+                        "--threads", "1"],
 }
 PRESETS["cube-single-cpu-short"] = PRESETS["cube-single-cpu"] + ["--offline-steps", "6000", "--eval-interval", "2000"]
 # success at the end of 1M offline + 1M online steps, from the spec's table (QC = flow10 here)
@@ -174,8 +176,8 @@ def time_calls(fn, device, calls: int) -> list[float]:
 
 def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
     """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
-    return time_calls(lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen), device,
-                      calls)
+    act = lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)
+    return time_calls(act, device, calls)
 
 
 @torch.no_grad()
@@ -311,8 +313,8 @@ def graph_check(opts) -> dict:
             buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000, device)
             step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
             keys = sorted(step())  # the logged quantities (this first step is part of the run in every mode)
-            losses = torch.stack([torch.stack([v for k,
-                                               v in sorted(step().items())]).clone() for _ in range(opts.updates)])
+            losses = torch.stack([torch.stack([v for _, v in sorted(step().items())]).clone()
+                                  for _ in range(opts.updates)])
             params = torch.cat([p.detach().flatten() for p in [*learner.policy.parameters(),
                                                                *learner.critic.parameters()]])
             runs[mode] = losses.cpu().double(), params.cpu().double()
@@ -384,9 +386,10 @@ def share(opts) -> dict:
 # ================================================================================================
 def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
     """Env steps/s with uniform random actions after one reset, plus reset time and one capped episode."""
-    import prepare_robomimic  # robomimic's env_args for a task live with the scripted data's recipe
-    env = mvp.RobomimicEnv(prepare_robomimic.robomimic_env_args(task),
-                           mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
+    import prepare_robomimic
+    # robomimic's env_args for a task live with the scripted data's recipe (until recently, in mvp.py)
+    env_args = getattr(prepare_robomimic, "robomimic_env_args", None) or mvp.robomimic_env_args
+    env = mvp.RobomimicEnv(env_args(task), mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
     rng = np.random.default_rng(seed)
     t0 = time.time()
     env.reset(seed=seed)
@@ -404,8 +407,7 @@ def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
     episode_s = time.time() - t0
     env.close()
     return dict(task=task, steps_per_s=round(steps_per_s, 1), steps_per_cpu_s=round(steps_per_cpu_s, 1),
-                reset_s=round(reset_s, 3),
-                episode_steps=n, episode_s=round(episode_s, 2))
+                reset_s=round(reset_s, 3), episode_steps=n, episode_s=round(episode_s, 2))
 
 
 # ================================================================================================
@@ -417,7 +419,8 @@ def run_dir_of(out_dir, task, method, seed):
 
 def suite_commands(opts) -> list[tuple[str, list[str]]]:
     cmds, share = [], []
-    if opts.launcher == "local" and opts.workers > 1 and "--eval-workers" not in opts.extra:
+    named = {a.split("=")[0] for a in opts.extra}
+    if opts.launcher == "local" and opts.workers > 1 and "--eval-workers" not in named:
         # runs side by side split the spare cores between their evaluation workers (mvp.py's auto takes them all)
         share = ["--eval-workers", str(min(16, ((os.cpu_count() or 1) - 1) // opts.workers))]
     for task in opts.tasks:
@@ -440,6 +443,9 @@ def run_logged(run_dir: str, cmd: list[str]) -> int:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env).returncode
 
 
+INTERRUPTED = (130, 143)  # mvp.py saved after Ctrl-C or SIGTERM (e.g. Slurm's time limit)
+
+
 def launch(opts, todo):
     if opts.launcher == "slurm":  # one SLURM job per run, --workers of them at a time (a job array)
         import submitit
@@ -460,7 +466,7 @@ def launch(opts, todo):
         with ThreadPoolExecutor(opts.workers) as pool:
             codes = list(pool.map(run, todo))
     for (d, _), code in zip(todo, codes):
-        if code in (130, 143):  # mvp.py saved after Ctrl-C or SIGTERM (e.g. Slurm's time limit)
+        if code in INTERRUPTED:
             print(f"[suite] interrupted and saved ({code}): {d}; the same suite command resumes it")
         elif code != 0:
             print(f"[suite] FAILED ({code}): {d}, see {os.path.join(d, 'stdout.log')}")
@@ -494,8 +500,10 @@ def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
 
 def table_markdown(table: dict) -> str:
     steps = sorted({s for row in table.values() for s in row["cells"]})
-    lines = ["| task | method | " + " | ".join(f"step {s:,}" for s in steps) + " | paper (end) |",
-             "| --- | --- | " + " | ".join("---" for _ in steps) + " | --- |"]
+    if not steps:  # a table without step columns would have nothing in it
+        return "No results yet: no run has an evaluation to report.\n"
+    header = ["task", "method", *(f"step {s:,}" for s in steps), "paper (end)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in table.values():
         ref = REFERENCE.get(row["task"], {}).get(row["method"])
         cells = [f"{row['cells'][s]['mean']:.2f} ± {row['cells'][s]['std']:.2f} (n={row['cells'][s]['n']})"
@@ -547,37 +555,57 @@ def finished(run_dir: str, cmd: list[str]) -> bool:
 
 
 def suite(opts):
+    """Launch the runs not finished yet, table and plot what all of them have logged; exit non-zero (after the
+    report) if a run launched here did not finish."""
     cmds = suite_commands(opts)
     todo = [(d, c) for d, c in cmds if not finished(d, c)]
-    print(f"[suite] {len(cmds)} run(s), {len(cmds) - len(todo)} already finished, {len(todo)} to run")
+    done = f"[suite] {len(cmds)} run(s), {len(cmds) - len(todo)} already finished"
+    if opts.report_only and not opts.dry_run:
+        print(f"{done}, {len(todo)} not; --report-only: launching nothing, reporting what the runs have logged")
+    else:
+        print(f"{done}, {len(todo)} to run")
     if opts.dry_run:
         for d, c in todo:
-            print(" ".join(c))
+            print(shlex.join(c))  # quoted as a shell reads it back
         return None
-    if todo and not opts.report_only:
-        launch(opts, todo)
+    codes = launch(opts, todo) if todo and not opts.report_only else []
     table = aggregate(opts.out_dir, opts.tasks, opts.methods, opts.seeds, opts.report_steps)
+    if any(row["cells"] for row in table.values()):
+        write_report(table, opts.out_dir)
+    else:
+        at = f" at step(s) {', '.join(map(str, opts.report_steps))}" if opts.report_steps else ""
+        print(f"[suite] no results yet: no run in {opts.out_dir} has logged an evaluation{at}; wrote nothing")
+    failed = [(d, code) for (d, _), code in zip(todo, codes) if code != 0]
+    if failed:  # after the report, so that the finished runs are tabled all the same
+        lines = [f"  {d}: {'interrupted, resumable' if code in INTERRUPTED else 'failed'} (exit {code}), "
+                 f"log {os.path.join(d, 'stdout.log')}" for d, code in failed]
+        raise SystemExit(f"[suite] {len(failed)} of {len(todo)} run(s) did not finish:\n" + "\n".join(lines))
+    return table
+
+
+def write_report(table: dict, out_dir: str):
+    """results.md, results.json and a figure of success curves per task."""
     md = table_markdown(table)
-    with open(os.path.join(opts.out_dir, "results.md"), "w") as f:
+    paths = [os.path.join(out_dir, "results.md"), os.path.join(out_dir, "results.json")]
+    with open(paths[0], "w") as f:
         f.write(md)
-    with open(os.path.join(opts.out_dir, "results.json"), "w") as f:
+    with open(paths[1], "w") as f:
         json.dump({k: dict(v, curve={str(s): x for s, x in v["curve"].items()},
                            cells={str(s): x for s, x in v["cells"].items()}) for k, v in table.items()}, f, indent=1)
-    figs = plot_curves(table, opts.out_dir)
+    paths += plot_curves(table, out_dir)
     print(md)
-    print(f"[suite] wrote {os.path.join(opts.out_dir, 'results.md')} and {', '.join(figs)}")
-    return table
+    print(f"[suite] wrote {', '.join(paths)}")
 
 
 # ================================================================================================
 # plot: what a run logged, as one figure (several runs overlaid: seeds, methods)
 # ================================================================================================
-PANELS = [  # (title, log, solid column, dashed column or None)
-    ("success rate (dashed: N = 1 alone)", "eval", "success_rate", "bc_success_rate"),
-    ("eval: Q(s0, a*) (dashed: discounted return)", "eval", "q0_mean", "disc_return_mean"),
+PANELS = [  # (title, log, solid column, dashed column (its marks open) or None)
+    ("success rate (dashed/open: N = 1 alone)", "eval", "success_rate", "bc_success_rate"),
+    ("eval: Q(s0, a*) (dashed/open: discounted return)", "eval", "q0_mean", "disc_return_mean"),
     ("critic loss (TD error)", "train", "critic_loss", None),
-    ("Q on the batch (dashed: TD target)", "train", "q_mean", "target_mean"),
-    ("policy: L_MF (dashed: L_IVC; a flow's whole loss)", "train", "mf_loss", "ivc_loss"),
+    ("Q on the batch (dashed/open: TD target)", "train", "q_mean", "target_mean"),
+    ("policy: L_MF (dashed/open: L_IVC; a flow's whole loss)", "train", "mf_loss", "ivc_loss"),
     ("best-of-N gain in Q", "train", "bon_gain", None),
 ]
 
@@ -598,8 +626,8 @@ def run_curves(run_dir: str) -> dict:
                 with open(os.path.join(run_dir, name)) as f:
                     for r in csv.DictReader(f):
                         shift = offline_steps if name == "online.csv" or r.get("phase") == "online" else 0
-                        rows.append({k: float(v) + (shift if k == "step" else 0) for k,
-                                     v in r.items() if k != "phase" and v})
+                        rows.append({k: float(v) + (shift if k == "step" else 0)
+                                     for k, v in r.items() if k != "phase" and v})
         curves[log] = {k: (np.array([r["step"] for r in rows if k in r]), np.array([r[k] for r in rows if k in r]))
                        for k in {k for r in rows for k in r} - {"step"}}  # online.csv has a few more columns
     return curves
@@ -610,18 +638,32 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    drawn = set()  # panels with data
     for i, d in enumerate(run_dirs):
         curves = run_curves(d)
-        for ax, (title, log, solid, dashed) in zip(axes.flat, PANELS):
+        label = "/".join(os.path.normpath(d).split(os.sep)[-2:])
+        for ax, (_, log, solid, dashed) in zip(axes.flat, PANELS):
+            if solid not in curves[log]:
+                continue
             for col, style in ((solid, "-"), (dashed, "--")):
                 if col in curves[log]:
-                    ax.plot(*curves[log][col], style, color=f"C{i}", marker="o" if log == "eval" else None, ms=3,
-                            label="/".join(os.path.normpath(d).split(os.sep)[-2:]) if style == "-" else None)
-            ax.set_title(title, fontsize=9)
+                    steps, values = curves[log][col]
+                    marker = "o" if log == "eval" or len(steps) == 1 else None  # a lone row draws no line
+                    ax.plot(steps, values, style, color=f"C{i}", marker=marker, ms=3,
+                            mfc="none" if style == "--" else None, label=label if style == "-" else None)
+            drawn.add(ax)
             if os.path.exists(os.path.join(d, "online.csv")):
                 ax.axvline(curves["offline_steps"], color="gray", ls=":", lw=0.8)  # offline -> online
+    for ax, (title, *_) in zip(axes.flat, PANELS):
+        ax.set_title(title, fontsize=9)
+        if ax not in drawn:  # a note, not empty axes with made-up 0..1 scales
+            ax.set(xticks=[], yticks=[])
+            ax.text(0.5, 0.5, "nothing logged yet", transform=ax.transAxes, ha="center", va="center", color="gray")
     axes[0, 0].set_ylim(-0.02, 1.02)
-    axes[0, 2].legend(fontsize=7)  # the critic loss: logged by every run that trained
+    # on the critic loss (every run that trained logs it), else on the success rate (every run that evaluated)
+    legend_ax = next((ax for ax in (axes[0, 2], axes[0, 0]) if ax in drawn), None)
+    if legend_ax is not None:
+        legend_ax.legend(fontsize=7)
     for ax in axes[1]:
         ax.set_xlabel("step (offline, then online)")
     fig.tight_layout()
@@ -631,7 +673,7 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MVP against its baselines: speed and success.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("speed", help="throughput and latency of every method on this device")
@@ -669,7 +711,7 @@ def main(argv=None):
     h.add_argument("--startup", type=float, default=25.0,
                    help="seconds the processes get to start and record before timing")
     h.add_argument("--out-dir", default="bench")
-    r = sub.add_parser("_rate")  # one process of `share`
+    r = sub.add_parser("_rate")  # one process of `share`; internal, so no help (and hidden below)
     r.add_argument("--method", default="mvp")
     r.add_argument("--mode", default="graph")
     r.add_argument("--device", default="auto")
@@ -696,11 +738,26 @@ def main(argv=None):
     u.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     u.add_argument("--report-only", action="store_true",
                    help="launch nothing: table and curves of the evaluations written so far")
-    u.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further mvp.py flags, passed to every run")
+    # one quoted string: flags after it stay the suite's (a --dry-run there once launched the runs instead)
+    u.add_argument("--extra", type=shlex.split, default=[], metavar='"FLAGS"',
+                   help='further mvp.py flags for every run, as one quoted string: --extra "--tau 0.02 --compile" '
+                        '(a single flag also as --extra=--compile)')
     f = sub.add_parser("plot", help="success, losses and Q of one or more runs from their CSV logs, as one figure")
     f.add_argument("run_dirs", nargs="+", help="run directories of mvp.py (several: overlaid)")
     f.add_argument("--out", default=None,
                    help="PNG to write (default: curves.png in the run directory, or here for several)")
+    sub.metavar = "{" + ",".join(c for c in sub.choices if not c.startswith("_")) + "}"  # --help omits _rate
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--extra" in argv:  # the old form, --extra --flag value ..., gets a pointer to the new one
+        value = argv[argv.index("--extra") + 1:][:1]
+        if value and value[0].startswith("-") and " " not in value[0]:
+            p.error('--extra takes one quoted string of mvp.py flags, e.g. --extra "--tau 0.02 --compile" '
+                    "(one flag alone: --extra=--compile); the suite's own flags go outside the quotes")
     opts = p.parse_args(argv)
     for name in ("repeats", "latency_calls", "workers", "updates"):
         if getattr(opts, name, 1) < 1:

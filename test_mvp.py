@@ -7,16 +7,21 @@ import functools
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 import mvp
 import prepare_ogbench
@@ -555,15 +560,27 @@ def test_generation_is_byte_identical_across_workers_and_resumes_after_an_interr
         assert (tmp_path / name).read_bytes() == open(os.path.join(data_dir, name), "rb").read(), name
     assert [os.path.basename(p) for p in written[:2]] == ["episode_000001.npz", "episode_000002.npz"]  # not 0 again
     assert not parts.exists()
+    with zipfile.ZipFile(tmp_path / "cube-double-play-v0.npz") as z:  # savez_compressed's format, minus the clock
+        assert {(m.compress_type, m.date_time) for m in z.infolist()} == {(zipfile.ZIP_DEFLATED, (1980, 1, 1, 0, 0, 0))}
 
 
-def test_prepare_ogbench_command_refuses_unknown_envs_and_names_the_training_command(tmp_path):
-    script = os.path.join(HERE, "prepare_ogbench.py")
-    proc = subprocess.run([sys.executable, script, "--env", "cube-quadruple"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown --env 'cube-quadruple'" in proc.stderr and "cube-double" in proc.stderr
-    proc = subprocess.run([sys.executable, script, "--env", "cube-single", "--episodes", "0"], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and "--episodes must be >= 1" in proc.stderr
+def test_prepare_ogbench_command(data_dir, capsys):
+    """Bad values are argparse errors naming the fix; a run prints the mvp.py command that trains on its files
+    (here the session's files, reused as they have the same settings)."""
+    for argv, message in ((["--env", "cube-quadruple"], "unknown --env 'cube-quadruple'; use one of cube-single, "
+                                                        "cube-double, cube-triple"),
+                          (["--env", "cube-single", "--episodes", "0"], "--episodes must be >= 1"),
+                          (["--env", "cube-single", "--workers", "-1"], "--workers must be >= 0")):
+        with pytest.raises(SystemExit) as e:
+            prepare_ogbench.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert prepare_ogbench.dataset_name("cube-double") == prepare_ogbench.dataset_name("cube-double-play-v0") \
+        == "cube-double-play-v0"
+    prepare_ogbench.main(["--env", "cube-double", "--episodes", "2", "--workers", "1", "--dataset-dir", data_dir])
+    out = capsys.readouterr().out
+    assert "reusing" in out and f"python mvp.py --env cube-double-task1 --dataset-dir {data_dir}" in out
+    command = out.strip().splitlines()[-1].split("python mvp.py ")[1].split()
+    assert mvp.build_parser().parse_args(command).dataset_dir == data_dir
 
 
 def test_generation_reuses_its_own_files_and_refuses_foreign_ones(data_dir, tmp_path, capsys):
@@ -926,7 +943,7 @@ def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys, monk
     assert not any("--eval-workers" in line for line in lines)  # one run at a time: mvp.py's auto
     # side by side, the runs split the spare cores between their evaluation workers, unless told otherwise
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    for extra, expected in (([], "--eval-workers 3"), (["--extra", "--eval-workers", "1"], "--eval-workers 1")):
+    for extra, expected in (([], "--eval-workers 3"), (["--extra", "--eval-workers 1"], "--eval-workers 1")):
         run_benchmarks.main(["suite", "--tasks", "cube-double-task1", "--seeds", "0", "1", "--methods", "mvp", "flow10",
                              "--out-dir", str(tmp_path), "--workers", "4", "--dry-run", *extra])
         lines = [line for line in capsys.readouterr().out.splitlines() if "mvp.py" in line]
@@ -965,8 +982,10 @@ def test_suite_report_only_tables_what_exists_and_launches_nothing(tmp_path, mon
 def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     out = tmp_path / "suite"
     argv = ["suite", "--tasks", "cube-double-task1", "--seeds", "0", "--methods", "mvp", "flow1",
-            "--launcher", "submitit-local", "--out-dir", str(out), "--extra", *TINY, "--dataset-dir", data_dir,
-            "--offline-steps", "100", "--online-steps", "60", "--start-training", "20", "--eval-interval", "0"]
+            "--launcher", "submitit-local", "--out-dir", str(out), "--extra"]
+    extra = [*TINY, "--dataset-dir", data_dir, "--offline-steps", "100", "--start-training", "20",
+             "--eval-interval", "0"]
+    argv = [*argv, shlex.join([*extra, "--online-steps", "60"])]
     table = run_benchmarks.main(argv)
     assert set(table) == {"cube-double-task1/mvp", "cube-double-task1/flow1"}
     for row in table.values():
@@ -983,7 +1002,7 @@ def test_tiny_real_suite_through_submitit_local_executor(data_dir, tmp_path):
     run_benchmarks.main(argv)
     assert os.path.getmtime(out / "cube-double-task1" / "mvp" / "seed0" / "summary.json") == before
     # more steps asked of a finished run: it continues from its end-of-phase checkpoint (the other stays as it is)
-    table = run_benchmarks.main([*argv[:6], "mvp", *argv[8:], "--online-steps", "80"])
+    table = run_benchmarks.main([*argv[:6], "mvp", *argv[8:-1], shlex.join([*extra, "--online-steps", "80"])])
     assert list(table["cube-double-task1/mvp"]["curve"]) == [100, 160, 180]
 
 
@@ -1713,6 +1732,42 @@ def test_scripted_generation_resumes_after_an_interruption_to_the_same_bytes(lif
     assert path.read_bytes() == open(lift_file, "rb").read() and not (tmp_path / "again.hdf5.parts").exists()
 
 
+def test_scripted_file_holds_the_executed_float32_actions_and_no_clock(lift_loaded, lift_file):
+    import h5py
+    _, make_env = lift_loaded
+    assert make_env.scripted["actions"] == "float32, as executed" and "seconds" not in make_env.scripted
+    with h5py.File(lift_file) as f:
+        actions = f["data/demo_0/actions"][()]
+    assert np.array_equal(actions, actions.astype(np.float32))  # the very float32 actions that were executed
+    assert os.listdir(os.path.dirname(lift_file)) == [os.path.basename(lift_file)]  # no parts, no .tmp
+
+
+def test_prepare_robomimic_command(lift_file, tmp_path, monkeypatch, capsys):
+    """Errors name the fix (square: the human file's URL and path; offline: the same); a run prints the mvp.py
+    command that trains on its file (here a copy of the reference file, reused as it has the same settings)."""
+    root, url = str(tmp_path), mvp.dataset_url("square")
+    human = mvp.default_dataset_path("square", root)
+    for argv, message in ((["cube"], "invalid choice: 'cube'"), (["lift", "--demos", "0"], "--demos must be >= 1"),
+                          (["square", "--dataset-dir", root], f"--download (fetches {url} to {human})")):
+        with pytest.raises(SystemExit) as e:
+            prepare_robomimic.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(mvp.DatasetError, match=f"no scripted demonstrator for square.*{url}"):
+        prepare_robomimic.generate_scripted("square", str(tmp_path / "square.hdf5"), 1)
+
+    def offline(url, path, timeout=30.0):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(prepare_robomimic, "download", offline)
+    with pytest.raises(SystemExit, match=f"downloading {url} failed .*network unreachable.*put it at {human}"):
+        prepare_robomimic.main(["square", "--download", "--dataset-dir", root])
+    path = prepare_robomimic.scripted_dataset_path("lift", NUM_DEMOS, 0, root)
+    os.makedirs(os.path.dirname(path))
+    shutil.copy(lift_file, path)
+    prepare_robomimic.main(["lift", "--demos", str(NUM_DEMOS), "--dataset-dir", root])
+    assert f"python mvp.py --env lift --dataset-dir {path}" in capsys.readouterr().out
+
+
 def test_generation_never_overwrites_a_human_file(tmp_path):
     path = str(tmp_path / "human.hdf5")
     write_synthetic(path)
@@ -1840,3 +1895,226 @@ def test_end_to_end_lift_on_scripted_demos(tmp_path):
     for ckpt in (run / "checkpoint.pt", run / "checkpoints" / "resume-0000000060.pt"):  # also a run's snapshots
         out = run_cli("--eval-only", "--checkpoint", str(ckpt), "--eval-episodes", "1")
         assert json.loads(out.stdout.strip().splitlines()[-1])["env"] == "lift"
+
+
+# ---------------------------------------------------------------------------------------------
+# The docs stay true: every command they show parses
+# ---------------------------------------------------------------------------------------------
+SCRIPTS = ("mvp", "run_benchmarks", "prepare_ogbench", "prepare_robomimic")
+
+
+def doc_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, argv) of every `python <script>.py ...` in a markdown text: code-block lines (with backslash
+    continuations, comments dropped) and inline code spans (which may wrap across lines). Commands with
+    placeholders (<run>, ..., [N]) are skipped."""
+    import re
+    import shlex
+    found = []
+    text = re.sub(r"\\\n\s*", " ", text)
+    spans = re.findall(r"`([^`]*)`", text) + [line for line in text.splitlines() if line.startswith("python ")]
+    for span in spans:
+        for part in re.split(r"&&|;", " ".join(span.split())):
+            m = re.match(rf"\s*python ({'|'.join(SCRIPTS)})\.py(.*)", part)
+            if m and not re.search(r"<|\.\.\.|\[|\||RUN_DIR|\b[NS]\b", m[2].split("#")[0]):
+                found.append((m[1], shlex.split(m[2].split(" #")[0])))
+    return found
+
+
+def check_command_parses(script: str, argv: list[str]):
+    if script == "run_benchmarks":
+        return run_benchmarks.build_parser().parse_args(argv)
+    return {"mvp": mvp, "prepare_ogbench": prepare_ogbench, "prepare_robomimic": prepare_robomimic}[script] \
+        .build_parser().parse_args(argv)
+
+
+def test_every_command_in_the_docs_parses():
+    import glob
+    commands = [(path, c) for path in ["README.md", *glob.glob(os.path.join(HERE, "docs", "*.md"))]
+                for c in doc_commands(open(os.path.join(HERE, path)).read())]
+    assert len(commands) > 30 and {s for _, (s, _) in commands} == set(SCRIPTS)
+    for path, (script, argv) in commands:
+        try:
+            check_command_parses(script, argv)
+        except SystemExit:
+            pytest.fail(f"{path}: python {script}.py {' '.join(argv)} does not parse")
+
+
+def test_a_misspelt_flag_in_a_doc_command_fails_the_check():
+    (script, argv), = doc_commands("Run `python mvp.py --env cube-single-task1 --hidden-dims 256` first.")
+    with pytest.raises(SystemExit):
+        check_command_parses(script, argv)
+    (script, argv), = doc_commands("```bash\npython mvp.py --env cube-single-task1 --hidden-dim 256 \\\n"
+                                   "    --threads 1   # a comment\n```")
+    assert argv[-2:] == ["--threads", "1"] and check_command_parses(script, argv).hidden_dim == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# run_benchmarks.py: the suite's flags, exit code and report, --help, plot
+# ---------------------------------------------------------------------------------------------
+SUITE = ["suite", "--tasks", "cube-double-task1", "--methods", "mvp", "flow10"]
+
+
+def _no_launch(*_):
+    pytest.fail("the suite launched runs")
+
+
+def test_suite_extra_is_one_quoted_string_and_flags_after_it_stay_the_suites(tmp_path, capsys, monkeypatch):
+    """The issue's command ended `--extra ... --dry-run`: the --dry-run went to mvp.py and the runs started."""
+    monkeypatch.setattr(run_benchmarks, "launch", _no_launch)
+    run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--extra", "--tau 0.02 --dataset-dir '/data/my runs'",
+                         "--dry-run"])
+    lines = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if "mvp.py" in line]
+    assert len(lines) == 2 and all(cmd[-4:] == ["--tau", "0.02", "--dataset-dir", "/data/my runs"] for cmd in lines)
+    run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--extra=--compile", "--dry-run"])
+    assert all(line.endswith("--compile") for line in capsys.readouterr().out.splitlines() if "mvp.py" in line)
+    # the old form is refused, with the new one in the message, rather than read some other way
+    with pytest.raises(SystemExit):
+        run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--extra", "--tau", "0.02", "--dry-run"])
+    assert "--extra takes one quoted string" in capsys.readouterr().err
+
+
+def test_suite_exits_non_zero_and_names_the_runs_that_did_not_finish(tmp_path, capsys, monkeypatch):
+    """mvp finishes (one evaluation each), flow10 seed 0 fails, flow10 seed 1 is interrupted (143, resumable)."""
+    failed, interrupted = (run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "flow10", s) for s in (0, 1))
+
+    def fake_run(run_dir, cmd):  # what mvp.py leaves behind, and its exit code
+        code = {failed: 1, interrupted: 143}.get(run_dir, 0)
+        if code == 0:
+            _fake_run(tmp_path, "cube-double-task1", "mvp", int(cmd[cmd.index("--seed") + 1]), [("offline", 100, 0.5)])
+        return code
+
+    monkeypatch.setattr(run_benchmarks, "run_logged", fake_run)
+    with pytest.raises(SystemExit) as exit_:
+        run_benchmarks.main([*SUITE, "--seeds", "0", "1", "--out-dir", str(tmp_path)])
+    message = str(exit_.value.code)  # a message: Python exits 1
+    assert message.startswith("[suite] 2 of 4 run(s) did not finish")
+    assert f"{failed}: failed (exit 1), log {os.path.join(failed, 'stdout.log')}" in message
+    assert f"{interrupted}: interrupted, resumable (exit 143), log" in message
+    # the finished runs were reported all the same
+    assert "| cube-double-task1 | mvp | 0.50 ± 0.00 (n=2) |" in (tmp_path / "results.md").read_text()
+    # no run launched, so none failed: no exit, the table comes back
+    assert run_benchmarks.main([*SUITE, "--seeds", "0", "--out-dir", str(tmp_path), "--report-only"])
+
+
+def test_suite_without_results_says_so_instead_of_an_empty_table(tmp_path, capsys):
+    run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--report-only"])
+    out = capsys.readouterr().out
+    assert "no results yet" in out and "|" not in out and not os.listdir(tmp_path)
+    assert run_benchmarks.table_markdown({}).startswith("No results yet")
+    # evaluations, but none at the steps asked for: a sentence again, not a table without step columns
+    _fake_run(tmp_path, "cube-double-task1", "mvp", 0, [("offline", 100, 0.5)])
+    run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--report-only", "--report-steps", "999"])
+    out = capsys.readouterr().out
+    assert "no results yet" in out and "at step(s) 999" in out and "|" not in out
+    # results: every header names its column, and the last line lists the files written
+    run_benchmarks.main([*SUITE, "--out-dir", str(tmp_path), "--report-only"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| task"))
+    assert all(cell.strip() for cell in header.strip("|").split("|"))
+    written = [str(tmp_path / name) for name in ("results.md", "results.json", "curves_cube-double-task1.png")]
+    assert lines[-1] == f"[suite] wrote {', '.join(written)}" and all(os.path.exists(p) for p in written)
+
+
+def test_suite_report_only_says_it_launches_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_benchmarks, "launch", _no_launch)
+    run_benchmarks.main([*SUITE, "--seeds", "0", "1", "--out-dir", str(tmp_path), "--report-only"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "4 run(s), 0 already finished" in first and "to run" not in first and "launching nothing" in first
+
+
+def test_help_lists_only_public_subcommands_and_internal_ones_still_parse(capsys):
+    with pytest.raises(SystemExit):
+        run_benchmarks.main(["--help"])
+    out = capsys.readouterr().out
+    assert "_rate" not in out and all(c in out for c in ("speed", "graph-check", "share", "envs", "suite", "plot"))
+    with pytest.raises(SystemExit):
+        run_benchmarks.main(["_rate", "--help"])  # `share` starts its processes with it
+    assert "--start-at" in capsys.readouterr().out
+
+
+def test_plot_draws_a_run_with_one_log_row_as_points(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _fake_run(tmp_path, "cube-double-task1", "mvp", 0, [("offline", 100, 0.5)])  # logs no Q(s0, a*)
+    run = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
+    with open(os.path.join(run, "offline.csv"), "w") as f:
+        f.write("step,critic_loss,q_mean,target_mean,mf_loss,ivc_loss,bon_gain\n100,0.5,-3,-3.1,0.2,0.1,0.05\n")
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to look at
+    run_benchmarks.main(["plot", run, "--out", str(tmp_path / "c.png")])
+    (fig,) = figs
+    success, q0, *train = fig.axes  # PANELS' order
+    for ax in [success, *train]:
+        assert ax.lines and all(line.get_marker() not in (None, "None", "", " ") for line in ax.lines)
+    assert [t.get_text() for t in q0.texts] == ["nothing logged yet"] and not q0.get_yticks().size
+    monkeypatch.undo()
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# toy_2d.py's figures read where they are shown
+# ---------------------------------------------------------------------------------------------
+SHOWN_WIDTH = 880  # px: the width a README or docs page gives an image
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The default targets and variants at --quick budgets; each saved figure with the PNG it went to."""
+    out, figures = tmp_path_factory.mktemp("toy"), {}
+    real = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        real(fig, path, *args, **kwargs)
+        figures[str(path).rsplit("/", 1)[-1]] = fig
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Figure, "savefig", savefig)
+        toy_2d.main(["--quick", "--out-dir", str(out)])
+    return out, figures
+
+
+def panel_rows(fig) -> list[int]:
+    """How many panels sit in each row of the figure, rows found by the panels' top edges."""
+    tops = {}
+    for ax in fig.get_axes():
+        box = ax.get_position()  # in the figure's coordinates, after savefig's layout
+        if box.width > 0.1:  # a panel, not a colorbar
+            tops.setdefault(round(box.y1, 2), []).append(ax)
+    return [len(tops[y]) for y in sorted(tops, reverse=True)]
+
+
+@pytest.mark.parametrize("name", ["toy_2d.png", "toy_2d_ivc.png"])
+def test_toy_figure_is_laid_out_in_rows_readable_at_880_px(quick_run, name):
+    out, figures = quick_run
+    width, height = png_size(out / name)
+    # Sharp when scaled down to 880 px, and not a strip: the old figure was 2288 x 374 (aspect 6.1).
+    assert 1400 <= width <= 2000, (width, height)
+    assert 1.0 <= width / height < 3.0, (width, height)
+    fig = figures[name]
+    assert toy_2d.FIG_DPI * fig.get_figwidth() == pytest.approx(width, abs=1)  # saved at FIG_DPI
+    rows = panel_rows(fig)
+    assert len(rows) >= 2 and max(rows) <= 4, rows  # the old figure: one row of 8 panels
+    # Every piece of text, shown at 880 px, is at least 9 px tall (the old figure's smallest was 3 px).
+    scale = SHOWN_WIDTH / (72 * fig.get_figwidth())  # px on the page per point of font
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert sizes and min(sizes) * scale >= 9, (min(sizes), scale)
+
+
+def test_toy_main_figure_has_two_rows_of_four(quick_run):
+    """The default run: target + 5 sampler scatters + 2 line plots = 8 panels, in 2 rows of 4."""
+    _, figures = quick_run
+    assert panel_rows(figures["toy_2d.png"]) == [4, 4]
+    assert panel_rows(figures["toy_2d_ivc.png"]) == [4, 4]  # without and with IVC: samples and 3 times
+
+
+def test_panel_grid_leaves_few_cells_empty():
+    assert [toy_2d.panel_grid(n) for n in (4, 5, 6, 7, 8)] == [(4, 1), (3, 2), (3, 2), (4, 2), (4, 2)]

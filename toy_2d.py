@@ -532,70 +532,91 @@ COLORS = {"mf": "tab:red", "mvp": "tab:blue", "meanflow": "tab:green", "fm": "ta
 SCATTER = ("mf", "mvp", "meanflow", "fm_1step", "fm_10step")  # sample panels, where they were trained
 
 
+# The figures are shown in markdown pages about 880 px wide. Drawn FIG_WIDTH inches wide at FIG_DPI
+# (1700 px, sharp when scaled down), one point of font is shown as 880 / (72 * 10) = 1.2 px there, so
+# the 8 to 10 pt text below reads as 10 to 12 px.
+FIG_WIDTH, FIG_DPI = 10.0, 170
+
+
+def panel_grid(num_panels: int) -> tuple[int, int]:
+    """(columns, rows) of one target's block: 4 or 3 columns, whichever leaves fewer cells empty."""
+    ncols = min((4, 3), key=lambda c: -num_panels % c)
+    return ncols, -(-num_panels // ncols)
+
+
 def plot(results: dict, samples: dict, variants: dict, path: str):
-    """Per target: samples of seed 0, the u* error against r - t at t = 0, and SW2 during training."""
+    """Per target, a block of rows: samples of seed 0, the u* error against r - t at t = 0, and SW2
+    during training. One legend for every block (a variant has the same colour everywhere)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = {s: lab for v in variants.values() for s, (lab, _) in v.samplers.items()}
-    panels = [s for s in SCATTER if s in labels]
-    ncols = len(panels) + 3
-    fig, axes = plt.subplots(len(results), ncols, figsize=(2.3 * ncols + 2.4, 2.6 * len(results) + 0.8), squeeze=False,
-                             gridspec_kw=dict(width_ratios=[1] * (ncols - 2) + [1.8, 1.8]))
-    for row, (tname, res) in enumerate(results.items()):
-        for col, name in enumerate(["target"] + panels):
-            ax, by_state = axes[row, col], samples[tname][name]
+    panels = ["target"] + [s for s in SCATTER if s in labels]
+    ncols, nrows = panel_grid(len(panels) + 2)  # the scatters, then the two line plots in the block's last cells
+    row_height = FIG_WIDTH / ncols + 0.4  # a square panel and its two-line title
+    fig = plt.figure(figsize=(FIG_WIDTH, row_height * nrows * len(results) + 1.4), layout="constrained")
+    fig.get_layout_engine().set(wspace=0.05)  # the scatters have no tick labels to keep them apart
+    rows = fig.subfigures(nrows * len(results), 1, squeeze=False)[:, 0]  # each row spaces its own panels
+    legend = {}  # label -> handle, from the first block's line plots
+    for block, (tname, res) in enumerate(results.items()):
+        cells = [(rows[block * nrows + i // ncols], i % ncols + 1) for i in range(nrows * ncols)]
+        for (row, col), name in zip(cells, panels):
+            ax, by_state = row.add_subplot(1, ncols, col), samples[tname][name]
             for i, (s_val, pts) in enumerate(by_state.items()):
                 ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, color=f"C{i}" if len(by_state) > 1 else "k",
                            label=f"s={s_val:+.1f}", rasterized=True)
             ax.set_xlim(-5.5, 5.5), ax.set_ylim(-5.5, 5.5), ax.set_aspect("equal")
             ax.set_xticks([]), ax.set_yticks([])
             if name == "target":
-                ax.set_title(f"{tname}: target", fontsize=9)
+                ax.set_title(f"{tname}: target", fontsize=10)
                 if len(by_state) > 1:
-                    ax.legend(fontsize=6, markerscale=5, loc="lower left", handletextpad=0.1, borderpad=0.2)
+                    ax.legend(fontsize=8, markerscale=5, loc="lower left", handletextpad=0.1, borderpad=0.2)
             else:
-                ax.set_title(f"{labels[name]}\nSW2 {fmt(res['sw'][name])}", fontsize=7)
-        ax = axes[row, -2]
+                ax.set_title(f"{labels[name]}\nSW2 {fmt(res['sw'][name])}", fontsize=9)
+        ax_err, ax_sw = (row.add_subplot(1, ncols, col) for row, col in cells[-2:])
         for vname, curves in res["u_err"].items():
             mu, sd = zip(*[mean_std([c[1 + i] for c in curves]) for i in range(len(GAPS))])
-            ax.plot(GAPS, mu, "s--" if vname == "fm" else "o-", color=COLORS[vname], ms=3,
-                    label="flow matching: v(x, 0) as proxy" if vname == "fm" else labels[vname].rsplit(",", 1)[0])
-            ax.fill_between(GAPS, [max(a - b, 1e-6) for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                            color=COLORS[vname], alpha=0.15)
-        ax.plot(GAPS, res["true_v_as_proxy"], ":", color="k", label="true v*(x, 0) as proxy")
-        ax.set_yscale("log")
+            ax_err.plot(GAPS, mu, "s--" if vname == "fm" else "o-", color=COLORS[vname], ms=3,
+                        label="flow matching: v(x, 0) as proxy" if vname == "fm" else
+                        labels[vname].rsplit(",", 1)[0])
+            ax_err.fill_between(GAPS, [max(a - b, 1e-6) for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
+                                color=COLORS[vname], alpha=0.15)
+        ax_err.plot(GAPS, res["true_v_as_proxy"], ":", color="k", label="error of u: the true v*(x, 0) as proxy")
+        ax_err.set_yscale("log")
         mean_flow = [mean_std([c[1 + i] for c in curves])[0] for v, curves in res["u_err"].items() if v != "fm"
                      for i in range(len(GAPS))]
         if mean_flow:  # zoom on the mean-flow variants; the two proxies grow far larger and leave through the top
-            ax.set_ylim(min(mean_flow) / 2, max(mean_flow) * 5)
-        ax.set_xlabel("r - t, with t = 0 (r - t = 1: the one-step map)", fontsize=7)
-        ax.set_ylabel("E ||u(x, 0, r) - u*(x, 0, r)||^2", fontsize=7)
-        ax.set_title(f"{tname}: error of u against the true u* (± std, seeds)", fontsize=8)
-        ax = axes[row, -1]
+            ax_err.set_ylim(min(mean_flow) / 2, max(mean_flow) * 5)
+        ax_err.set_xlabel("r - t, with t = 0\n(r - t = 1: the one-step map)", fontsize=8)
+        ax_err.set_ylabel("E ||u(x, 0, r) - u*(x, 0, r)||^2", fontsize=8)
+        ax_err.set_title(f"{tname}: error of u against\nthe true u* (mean ± std, seeds)", fontsize=9)
         for vname, curves in res["curve"].items():
             steps = [s for s, _ in curves[0]]
             if not steps:  # --curve-points 0
                 continue
             mu, sd = zip(*[mean_std([c[i][1] for c in curves]) for i in range(len(steps))])
-            ax.plot(steps, mu, "o-", color=COLORS[vname], ms=2, label=list(variants[vname].samplers.values())[-1][0])
-            ax.fill_between(steps, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
-                            color=COLORS[vname], alpha=0.15)
-        ax.axhline(mean_std(res["sw_floor"])[0], color="k", ls=":", label="floor")
-        ax.set_yscale("log")
-        ax.set_xlabel("training step", fontsize=7)
-        ax.set_ylabel("SW2 to target", fontsize=7)
-        ax.set_title(f"{tname}: SW2 during training", fontsize=8)
-        for ax in axes[row, -2:]:
-            ax.tick_params(labelsize=6)
+            label = list(variants[vname].samplers.values())[-1][0]  # the sampler of the curve: its last
+            ax_sw.plot(steps, mu, "o-", color=COLORS[vname], ms=2,
+                       label=label if vname == "fm" else label.rsplit(",", 1)[0])  # one entry per colour
+            ax_sw.fill_between(steps, [a - b for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
+                               color=COLORS[vname], alpha=0.15)
+        ax_sw.axhline(mean_std(res["sw_floor"])[0], color="k", ls=":", label="SW2: floor, target vs target")
+        ax_sw.set_yscale("log")
+        ax_sw.set_xlabel("training step", fontsize=8)
+        ax_sw.set_ylabel("SW2 to target", fontsize=8)
+        ax_sw.set_title(f"{tname}: SW2 in training\n(mean-flow variants: 1 step)", fontsize=9)
+        for ax in (ax_err, ax_sw):
+            ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3, which="both")
-            if row == 0:
-                ax.legend(fontsize=5)
-    fig.suptitle("One-step samples of seed 0 (SW2: mean ± std over seeds), the mean-velocity error on the maps "
-                 "that start from noise, and SW2 while training", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+            if block == 0:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    legend.setdefault(label, handle)
+    order = sorted(legend, key=lambda lab: legend[lab].get_color() in ("k", "tab:gray"))  # variants first
+    fig.legend([legend[lab] for lab in order], order, loc="outside lower center", ncols=3, fontsize=8)
+    fig.suptitle("One-step samples of seed 0 (SW2: mean ± std over seeds), the mean-velocity error\non the maps "
+                 "that start from noise, and SW2 while training", fontsize=10)
+    fig.savefig(path, dpi=FIG_DPI)
     plt.close(fig)
 
 
@@ -608,7 +629,7 @@ def plot_ivc(ivc: dict, path: str):
     from matplotlib.colors import LogNorm
 
     rows = [v for v in ("mf", "mvp") if v in ivc["maps"]]
-    fig, axes = plt.subplots(len(rows), 1 + len(IVC_TIMES), figsize=(2.6 * (1 + len(IVC_TIMES)) + 1.0, 2.9 * len(rows)),
+    fig, axes = plt.subplots(len(rows), 1 + len(IVC_TIMES), figsize=(FIG_WIDTH, 2.45 * len(rows) + 0.7),
                              squeeze=False, layout="constrained")
     ext = ivc["maps"][rows[0]]["extent"]
     norm = LogNorm(vmin=0.03, vmax=max(m["err"].max() for v in rows for m in ivc["maps"][v]["maps"].values()))
@@ -616,21 +637,23 @@ def plot_ivc(ivc: dict, path: str):
         pts = ivc["samples"][vname]
         ax = axes[row, 0]
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3, color="k", rasterized=True)
-        ax.set_title(f"{ivc['labels'][vname]}\nSW2 {ivc['sw'][vname]}", fontsize=8)
+        ax.set_title(f"{ivc['labels'][vname]}\nSW2 {ivc['sw'][vname]}", fontsize=9)
         for col, (t_val, m) in enumerate(ivc["maps"][vname]["maps"].items(), start=1):
             ax = axes[row, col]
             im = ax.imshow(m["err"], origin="lower", extent=(-ext, ext, -ext, ext), norm=norm, cmap="magma")
             ax.contour(m["density"], levels=4, origin="lower", extent=(-ext, ext, -ext, ext), colors="w",
                        linewidths=0.5)
             ax.set_title(f"|u(x,t,t) - v*(x,t)| at t = {t_val}\nE over p_t of its square: "
-                         f"{ivc['mse'][vname][col - 1]:.3f}", fontsize=8)
+                         f"{ivc['mse'][vname][col - 1]:.3f}", fontsize=9)
         for ax in axes[row]:
             ax.set_xlim(-ext, ext), ax.set_ylim(-ext, ext), ax.set_aspect("equal")
             ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=axes[:, 1:], shrink=0.8, label="|u(x, t, t) - v*(x, t)|")
-    fig.suptitle(f"{ivc['target']}: the boundary u(x, t, t) that IVC pins, without (top) and with (bottom) IVC. "
-                 "White: contours of p_t", fontsize=9)
-    fig.savefig(path, dpi=110)
+    cbar = fig.colorbar(im, ax=axes[:, 1:], shrink=0.8)
+    cbar.set_label("|u(x, t, t) - v*(x, t)|", fontsize=9)
+    cbar.ax.tick_params(labelsize=8)
+    fig.suptitle(f"{ivc['target']}: the boundary u(x, t, t) that IVC pins, without (top) and with (bottom) IVC.\n"
+                 "White: contours of p_t", fontsize=10)
+    fig.savefig(path, dpi=FIG_DPI)
     plt.close(fig)
 
 
