@@ -529,9 +529,6 @@ def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
     if args.cuda_graph == "on" and device_type != "cuda":
         raise SystemExit(f"error: --cuda-graph on needs a CUDA device, this run is on {device}; use --cuda-graph "
                          f"auto or off")
-    if args.select_dtype == "bfloat16" and device_type == "cpu" and not cpu_has_bfloat16():
-        raise SystemExit("error: --select-dtype bfloat16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
-                         "on this one it runs emulated, about 25x slower than float32. Use --select-dtype float32")
     cuda_graph = device_type == "cuda" and args.cuda_graph != "off"
     # fused Adam: one kernel over all parameters; on CPU the critic's step drops from about 7 to 1 ms.
     # capturable: its step count stays on the GPU, so the step can be recorded in a CUDA graph
@@ -1093,7 +1090,7 @@ _eval_worker = {}
 
 def _init_eval_worker(task: dict, args: dict, nets: dict):
     torch.set_num_threads(1)
-    cpu_args = Args(**{**args, "cuda_graph": "off", "select_dtype": "float32"})  # acting only: no selection dtype
+    cpu_args = Args(**{**args, "cuda_graph": "off"})
     learner = make_learner(task["obs_dim"], task["action_dim"] * cpu_args.chunk_len, cpu_args, torch.device("cpu"))
     learner.policy.load_state_dict(nets["policy"])
     learner.critic.load_state_dict(nets["critic"])
@@ -1297,9 +1294,15 @@ class Run:
 
     def __init__(self, args: Args, resume: dict | None):
         self.args, self.device = args, pick_device(args.device, args.threads, args.matmul_precision)
+        if args.select_dtype == "bfloat16" and self.device.type == "cpu" and not cpu_has_bfloat16():
+            raise SystemExit("error: --select-dtype bfloat16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
+                             "on this one it runs emulated, about 25x slower than float32. Use --select-dtype float32")
         env_name = resolve_env_name(args.env)
         self.dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
-        created = not os.path.exists(self.dir)
+        created = os.path.abspath(self.dir)  # the outermost folder this run creates (runs/ too, the first time)
+        while not os.path.exists(os.path.dirname(created)):
+            created = os.path.dirname(created)
+        created = None if os.path.exists(created) else created
         check_run_dir(self.dir, fresh=resume is None)
         print(f"[mvp] {env_name} on {self.device}, run dir {self.dir}")
         self.gen = seed_everything(args.seed, self.device)
@@ -1307,7 +1310,7 @@ class Run:
             dataset, new_env, source = load_task(env_name, args)
         except BaseException:  # no data (or Ctrl-C while making it): no stub run directory is left behind
             if created:
-                shutil.rmtree(self.dir, ignore_errors=True)
+                shutil.rmtree(created, ignore_errors=True)
             raise
         n = len(dataset["observations"])
         if args.chunk_len > n:  # the chunk sampler would index before the first row

@@ -312,13 +312,15 @@ def test_bfloat16_selection_values_the_chosen_chunk_in_float32():
     assert (q_bf16.argmax(dim=1) == q_fp32.argmax(dim=1)).float().mean() >= 0.9
 
 
-def test_bfloat16_selection_is_refused_on_a_cpu_without_native_bfloat16(monkeypatch):
-    """Emulated bfloat16 made MVP's update 25x slower on an AVX2 CPU (7.66 against 0.30 updates/s): refused there."""
-    args = mvp.Args(hidden_dim=8, num_layers=1, select_dtype="bfloat16")
+def test_bfloat16_selection_is_refused_on_a_cpu_without_native_bfloat16(tmp_path, monkeypatch):
+    """Emulated bfloat16 made MVP's update 25x slower on an AVX2 CPU (7.66 against 0.30 updates/s): a training run
+    there is refused before it loads anything; run_benchmarks.py speed can still measure it."""
     monkeypatch.setattr(mvp, "cpu_has_bfloat16", lambda: False)
+    run = tmp_path / "run"
     with pytest.raises(SystemExit, match="needs a CPU with native bfloat16.*--select-dtype float32"):
-        mvp.make_learner(4, 10, args, torch.device("cpu"))
-    monkeypatch.setattr(mvp, "cpu_has_bfloat16", lambda: True)
+        mvp.main([*TINY, "--select-dtype", "bfloat16", "--device", "cpu", "--run-dir", str(run)])
+    assert not run.exists()
+    args = mvp.Args(hidden_dim=8, num_layers=1, select_dtype="bfloat16")
     assert mvp.make_learner(4, 10, args, torch.device("cpu")).select_dtype == torch.bfloat16
 
 
@@ -1840,8 +1842,10 @@ def test_square_has_no_demonstrator(tmp_path, monkeypatch):
         mvp.load_robomimic("square", dataset_dir=str(tmp_path))
     with pytest.raises(mvp.DatasetError, match="no scripted demonstrator"):
         prepare_robomimic.generate_scripted("square", str(tmp_path / "sq.hdf5"), 1, seed=0)
-    proc = run_cli("--env", "lift", "--generate-data", "--dataset-dir", str(tmp_path), check=False)
+    proc = run_cli("--env", "lift", "--generate-data", "--dataset-dir", str(tmp_path), "--run-dir",
+                   str(tmp_path / "runs" / "lift"), check=False)
     assert proc.returncode == 1 and "python prepare_robomimic.py lift" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # a run that stops before training leaves no stub directory behind
 
 
 def test_download_is_atomic_and_checks_the_format(tmp_path, lift_file):
