@@ -478,12 +478,14 @@ def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
     table = {}
     for task in tasks:
         for method in methods:
-            curves = {}
+            curves, handoff = {}, {}
             for seed in seeds:
                 d = run_dir_of(out_dir, task, method, seed)
                 if os.path.exists(os.path.join(d, "eval.csv")):
-                    at, success = run_curves(d)["eval"]["success_rate"]  # online steps after the offline ones
+                    run = run_curves(d)
+                    at, success = run["eval"]["success_rate"]  # online steps after the offline ones
                     curves[seed] = dict(zip(at.astype(int).tolist(), success.tolist()))
+                    handoff[seed] = run["offline_steps"] if run["online"] else None
             if not curves:
                 continue
             all_steps = sorted(set.intersection(*(set(c) for c in curves.values())))
@@ -493,7 +495,10 @@ def aggregate(out_dir: str, tasks, methods, seeds, steps=None) -> dict:
                 vals = [c[s] for c in curves.values() if s in c]
                 if vals:
                     cells[s] = dict(mean=float(np.mean(vals)), std=float(np.std(vals)), n=len(vals))
-            table[f"{task}/{method}"] = dict(task=task, method=method, cells=cells,
+            # online: the curve has a step past some seed's hand-off, i.e. an online evaluation (offline ones
+            # come at steps up to offline_steps, online ones after it)
+            online = any(h is not None and s > h for h in handoff.values() for s in all_steps)
+            table[f"{task}/{method}"] = dict(task=task, method=method, cells=cells, online=online,
                                              curve={s: [c[s] for c in curves.values() if s in c] for s in all_steps})
     return table
 
@@ -512,6 +517,10 @@ def table_markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the x axis of the figures: online steps count after the offline ones, on one axis
+STEP_AXIS = dict(offline="offline gradient step", online="step: offline gradient steps, then online env steps")
+
+
 def plot_curves(table: dict, out_dir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -519,7 +528,8 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
     paths = []
     for task in sorted({row["task"] for row in table.values()}):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for i, row in enumerate(r for r in table.values() if r["task"] == task):
+        rows = [r for r in table.values() if r["task"] == task]
+        for i, row in enumerate(rows):
             steps = sorted(row["curve"])
             mean = np.array([np.mean(row["curve"][s]) for s in steps])
             std = np.array([np.std(row["curve"][s]) for s in steps])
@@ -532,7 +542,8 @@ def plot_curves(table: dict, out_dir: str) -> list[str]:
             ref = REFERENCE.get(task, {}).get(row["method"])
             if ref is not None:
                 ax.axhline(ref, color=color, ls="--", lw=1, label=f"{row['method']} paper (2M steps)")
-        ax.set(title=task, xlabel="training step (offline, then online)", ylabel="success rate", ylim=(-0.02, 1.02))
+        xlabel = STEP_AXIS["online" if any(row["online"] for row in rows) else "offline"]
+        ax.set(title=task, xlabel=xlabel, ylabel="success rate", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"curves_{task}.png")
@@ -611,14 +622,14 @@ PANELS = [  # (title, log, solid column, dashed column (its marks open) or None)
 
 
 def run_curves(run_dir: str) -> dict:
-    """{"train"|"eval": {column: (steps, values)}} of a run's CSV logs (and its offline_steps); online steps
-    count after the offline ones."""
+    """{"train"|"eval": {column: (steps, values)}} of a run's CSV logs, its offline_steps, and online: whether it
+    logged anything in its online phase; online steps count after the offline ones."""
     import csv
     if not os.path.exists(os.path.join(run_dir, "args.json")):
         raise SystemExit(f"error: {run_dir} is not a run directory of mvp.py (it has no args.json)")
     with open(os.path.join(run_dir, "args.json")) as f:
         offline_steps = json.load(f)["offline_steps"]
-    curves = dict(offline_steps=offline_steps)
+    curves = dict(offline_steps=offline_steps, online=os.path.exists(os.path.join(run_dir, "online.csv")))
     for log, names in (("train", ["offline.csv", "online.csv"]), ("eval", ["eval.csv"])):
         rows = []
         for name in names:
@@ -626,6 +637,7 @@ def run_curves(run_dir: str) -> dict:
                 with open(os.path.join(run_dir, name)) as f:
                     for r in csv.DictReader(f):
                         shift = offline_steps if name == "online.csv" or r.get("phase") == "online" else 0
+                        curves["online"] |= bool(shift)
                         rows.append({k: float(v) + (shift if k == "step" else 0)
                                      for k, v in r.items() if k != "phase" and v})
         curves[log] = {k: (np.array([r["step"] for r in rows if k in r]), np.array([r[k] for r in rows if k in r]))
@@ -639,8 +651,10 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     drawn = set()  # panels with data
+    online = False  # some run drawn has an online phase
     for i, d in enumerate(run_dirs):
         curves = run_curves(d)
+        online |= curves["online"]
         label = "/".join(os.path.normpath(d).split(os.sep)[-2:])
         for ax, (_, log, solid, dashed) in zip(axes.flat, PANELS):
             if solid not in curves[log]:
@@ -652,7 +666,7 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
                     ax.plot(steps, values, style, color=f"C{i}", marker=marker, ms=3,
                             mfc="none" if style == "--" else None, label=label if style == "-" else None)
             drawn.add(ax)
-            if os.path.exists(os.path.join(d, "online.csv")):
+            if curves["online"]:
                 ax.axvline(curves["offline_steps"], color="gray", ls=":", lw=0.8)  # offline -> online
     for ax, (title, *_) in zip(axes.flat, PANELS):
         ax.set_title(title, fontsize=9)
@@ -665,7 +679,7 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     if legend_ax is not None:
         legend_ax.legend(fontsize=7)
     for ax in axes[1]:
-        ax.set_xlabel("step (offline, then online)")
+        ax.set_xlabel(STEP_AXIS["offline"] if not online else STEP_AXIS["online"] + " (dotted: hand-off)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -922,6 +922,40 @@ def test_aggregate_table_and_curves_on_synthetic_csvs(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["curves_cube-double-task4.png"] and os.path.getsize(paths[0]) > 5000
 
 
+def _closed_figures(monkeypatch) -> list:
+    """The figures run_benchmarks.py closes after saving them, kept open to be looked at."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    return figs
+
+
+def plt_close_all(figs):
+    import matplotlib.pyplot as plt
+    for fig in figs:
+        plt.close(fig)
+
+
+def test_curves_x_label_says_whether_the_runs_went_online(tmp_path, monkeypatch):
+    """The success curves' step axis: offline gradient steps, then online env steps only where a drawn step is an
+    online evaluation; a seed's online steps that the other seeds lack are not drawn."""
+    _fake_run(tmp_path, "cube-single-task1", "mvp", 0, [("offline", 50, 0.1), ("offline", 100, 0.2)])
+    _fake_run(tmp_path, "cube-single-task1", "mvp", 1, [("offline", 100, 0.3), ("online", 50, 0.6)])
+    _fake_run(tmp_path, "cube-double-task1", "mvp", 0, [("offline", 100, 0.2), ("online", 50, 0.6)])
+    table = run_benchmarks.aggregate(str(tmp_path), ["cube-single-task1", "cube-double-task1"], ["mvp"], [0, 1])
+    assert list(table["cube-single-task1/mvp"]["curve"]) == [100]  # both seeds' offline end only
+    figs = _closed_figures(monkeypatch)
+    run_benchmarks.plot_curves(table, str(tmp_path))
+    monkeypatch.undo()
+    labels = {fig.axes[0].get_title(): fig.axes[0].get_xlabel() for fig in figs}
+    plt_close_all(figs)
+    assert labels == {"cube-single-task1": "offline gradient step",
+                      "cube-double-task1": "step: offline gradient steps, then online env steps"}
+    assert not table["cube-single-task1/mvp"]["online"] and table["cube-double-task1/mvp"]["online"]
+
+
 def test_suite_dry_run_prints_commands_and_skips_finished(tmp_path, capsys, monkeypatch):
     finished = run_benchmarks.run_dir_of(str(tmp_path), "cube-double-task1", "mvp", 0)
     os.makedirs(finished)
@@ -2054,6 +2088,32 @@ def test_plot_draws_a_run_with_one_log_row_as_points(tmp_path, monkeypatch):
     assert [t.get_text() for t in q0.texts] == ["nothing logged yet"] and not q0.get_yticks().size
     monkeypatch.undo()
     plt.close(fig)
+
+
+def test_plot_x_label_says_whether_a_drawn_run_went_online(tmp_path, monkeypatch):
+    """Offline-only runs: offline gradient steps; a run with an online phase among them: offline gradient
+    steps, then online env steps, with a dotted line at the hand-off."""
+    train = "step,critic_loss,q_mean,target_mean,mf_loss,ivc_loss,bon_gain\n{},0.5,-3,-3.1,0.2,0.1,0.05\n"
+    _fake_run(tmp_path, "cube-single-task1", "mvp", 0, [("offline", 100, 0.5)])
+    offline = run_benchmarks.run_dir_of(str(tmp_path), "cube-single-task1", "mvp", 0)
+    open(os.path.join(offline, "offline.csv"), "w").write(train.format(100))
+    _fake_run(tmp_path, "cube-single-task1", "mvp", 1, [("offline", 100, 0.5), ("online", 50, 0.7)])
+    online = run_benchmarks.run_dir_of(str(tmp_path), "cube-single-task1", "mvp", 1)
+    open(os.path.join(online, "offline.csv"), "w").write(train.format(100))
+    open(os.path.join(online, "online.csv"), "w").write(train.format(50))
+    figs = _closed_figures(monkeypatch)
+    for runs in ([offline], [offline, online]):
+        run_benchmarks.main(["plot", *runs, "--out", str(tmp_path / "c.png")])
+    monkeypatch.undo()
+    plt_close_all(figs)
+    alone, both = figs
+    assert [ax.get_xlabel() for ax in alone.axes[3:]] == ["offline gradient step"] * 3
+    assert [ax.get_xlabel() for ax in both.axes[3:]] == ["step: offline gradient steps, then online env steps "
+                                                         "(dotted: hand-off)"] * 3
+    assert [ax.get_xlabel() for ax in alone.axes[:3] + both.axes[:3]] == [""] * 6  # only the bottom row's
+    handoffs = [line for line in both.axes[0].lines if line.get_linestyle() == ":"]
+    assert len(handoffs) == 1 and list(handoffs[0].get_xdata()) == [100, 100]
+    assert not any(line.get_linestyle() == ":" for line in alone.axes[0].lines)
 
 
 # ---------------------------------------------------------------------------------------------
