@@ -816,9 +816,6 @@ def import_robosuite():
         import robosuite
     except ImportError as e:
         raise SystemExit(f"error: robosuite is not installed ({e}). Run: pip install -r requirements.txt")
-    if not robosuite.__version__.startswith("1.4."):
-        print(f"[robomimic] warning: robosuite {robosuite.__version__} installed; the v141 datasets were "
-              f"recorded with 1.4.1 (pinned in requirements.txt)", file=sys.stderr)
     return robosuite
 
 
@@ -972,15 +969,11 @@ def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
 
 # ---- CUDA graphs: record a step once, replay it as one launch -----------------------------------
 class CUDAGraphed:
-    """Calls fn() eagerly `warmup` times, then records one call as a CUDA graph and replays it after.
-
-    Why: an eager MVP update is about 380 small kernels, and launching them costs the host more than the GPU
-    needs to run them (one H100: 12.9 ms wall, 2.9 ms of GPU work); a replay is one launch. fn must read
-    tensors at fixed addresses (buffer, networks, optimizer state, inputs filled in place), return tensors
-    that every replay overwrites, never synchronise with the host (.item(), value-dependent shapes) and draw
-    its random numbers from `generator`, registered with the graph so each replay draws fresh ones. The
-    warm-up calls are real calls, on a side stream, so lazy set-up (cuBLAS workspaces, Adam's state) happens
-    before recording, as PyTorch requires."""
+    """Calls fn() eagerly `warmup` times (on a side stream, so lazy set-up happens before recording), then records
+    one call as a CUDA graph and replays it. An eager MVP update is about 380 small kernels whose launches cost
+    the host more than the GPU's work (one H100: 12.9 ms wall, 2.9 ms GPU); a replay is one launch. fn must use
+    tensors at fixed addresses, never sync with the host (.item(), value-dependent shapes) and draw random
+    numbers from `generator`, registered with the graph so that each replay draws fresh ones."""
 
     def __init__(self, fn: Callable, generator: torch.Generator, warmup: int = 3):
         self.fn, self.generator, self.warmup = fn, generator, warmup
@@ -1022,21 +1015,16 @@ def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len:
     return act().view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
 
 
-# Extra eval.csv columns from the env's step info, averaged over an episode's steps, then over episodes (NaN
-# where the env lacks the key, robomimic). OGBench's pad contact reads 0 or about 1: the fraction of steps the
-# gripper touches something, in practice a cube. A policy that never touches a cube is broken, not slow.
-EVAL_INFO_STATS = {"contact_frac": "proprio/gripper_contact"}
-
-
 @torch.no_grad()
 def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len: int, discount: float, device,
                 generator) -> dict:
     """One evaluation episode, chunks open loop; returns its eval.csv columns. Besides success, return and length:
-    the critic's estimate q0 = mean_K Q_k(s_0, a*_0) for the first chunk run, and the realised discounted return
-    it estimates, sum_k gamma^k r_k (at the episode cap L that sum lacks the tail gamma^L V(s_L) Q bootstraps)."""
+    the critic's estimate q0 = mean_K Q_k(s_0, a*_0) for the first chunk run, the realised discounted return it
+    estimates, sum_k gamma^k r_k (at the episode cap L that sum lacks the tail gamma^L V(s_L) Q bootstraps), and
+    the fraction of steps OGBench's gripper touches something, in practice a cube (NaN on robomimic): a policy
+    that never touches a cube is broken, not slow."""
     obs, _ = env.reset(seed=seed)
-    queue, rewards, info, done, q0 = [], [], {}, False, None
-    seen = {col: [] for col in EVAL_INFO_STATS}
+    queue, rewards, contact, info, done, q0 = [], [], [], {}, False, None
     while not done:
         if not queue:
             queue = list(act_chunk(learner, obs, num_candidates, chunk_len, device, generator))
@@ -1047,14 +1035,13 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
         obs, reward, terminated, truncated, info = env.step(queue.pop(0))
         done = terminated or truncated
         rewards.append(float(reward))
-        for col, key in EVAL_INFO_STATS.items():
-            if key in info:
-                seen[col].append(float(np.mean(info[key])))
+        if "proprio/gripper_contact" in info:  # OGBench's pad contact: 0 or about 1
+            contact.append(float(np.mean(info["proprio/gripper_contact"])))
     rewards = np.asarray(rewards)
     return dict(success_rate=float(info.get("success", 0.0)), return_mean=float(rewards.sum()),
                 length_mean=len(rewards), q0_mean=q0,
                 disc_return_mean=float(discount ** np.arange(len(rewards)) @ rewards),  # Eq. sum_k gamma^k r_k
-                **{col: float(np.mean(v)) if v else float("nan") for col, v in seen.items()})
+                contact_frac=float(np.mean(contact)) if contact else float("nan"))
 
 
 def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
