@@ -1820,7 +1820,8 @@ def test_missing_file_names_the_download_and_the_scripted_alternative(tmp_path, 
     msg, path = str(e.value), str(tmp_path / "lift/mh/low_dim_v141.hdf5")
     assert mvp.dataset_url("lift") in msg and path in msg and "python prepare_robomimic.py lift --download" in msg
     assert "python prepare_robomimic.py lift, then --dataset-dir" in msg and "not the paper's data" in msg
-    assert mvp.dataset_url("square") == "http://downloads.cs.stanford.edu/downloads/rt_benchmark/square/mh/low_dim_v141.hdf5"
+    assert mvp.dataset_url("square") == ("http://downloads.cs.stanford.edu/downloads/rt_benchmark/"
+                                         "square/mh/low_dim_v141.hdf5")
 
     def offline(url, path, timeout=30.0):
         raise OSError("network unreachable")
