@@ -58,6 +58,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import prepare_ogbench  # OGBench's tasks, data and envs (these two files never import this one)
+import prepare_robomimic  # robomimic's
+
 
 # ================================================================================================
 # Arguments: every constant of the spec, with the spec's default and a one-line help.
@@ -645,8 +648,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
 # ================================================================================================
 # =====================================  PLUMBING  ===============================================
-# Tasks and data, environments, CUDA graphs, evaluation, logs, checkpoints, resume: safe to skip.
-# Nothing below changes the algorithm; env-specific details stay here and never reach the loops.
+# Tasks, CUDA graphs, evaluation, logs, checkpoints, resume: safe to skip. Nothing below changes the
+# algorithm; each benchmark suite's details live in prepare_ogbench.py and prepare_robomimic.py.
 # ================================================================================================
 def in_range(x: float, spec: str) -> bool:
     """x in an interval written "[lo, hi)", "(0, 1]", ... (the ranges of Args)."""
@@ -654,326 +657,54 @@ def in_range(x: float, spec: str) -> bool:
     return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
 
 
-class DatasetError(Exception):
-    """A dataset file is missing, unreadable or does not match the environment."""
-
-
-# ---- OGBench: task names, dataset files (downloaded, or made by prepare_ogbench.py), environments -----
-CUBES = ("single", "double", "triple")
-TASK_ALIASES = {f"cube-{n}{f'-task{k}' if k else ''}": f"cube-{n}-play-singletask{f'-task{k}' if k else ''}-v0"
-                for n in CUBES for k in range(6)}
-FULL_NAME = re.compile(rf"^cube-({'|'.join(CUBES)})-play-singletask(-task[1-5])?-v0$")
+# ---- tasks: each benchmark suite's names, dataset reader and environments live in its own file ------------
+DATA_ERRORS = (prepare_ogbench.DataError, prepare_robomimic.DataError)  # a dataset missing, corrupt or mismatched
 
 
 def resolve_env_name(name: str) -> str:
-    """Alias or full OGBench name -> full name, e.g. cube-double-task3 -> cube-double-play-singletask-task3-v0."""
-    if name in ROBOMIMIC_TASKS or FULL_NAME.match(name):
+    """A robomimic task (lift, can, square), or an OGBench alias or full name -> OGBench's full name."""
+    if name in prepare_robomimic.ROBOMIMIC_TASKS:
         return name
-    if name in TASK_ALIASES:
-        return TASK_ALIASES[name]
-    raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(TASK_ALIASES)}, {', '.join(ROBOMIMIC_TASKS)}, "
-                     f"or full OGBench names cube-{{{','.join(CUBES)}}}-play-singletask[-task{{1..5}}]-v0")
-
-
-def dataset_name_of(env_name: str) -> str:
-    """cube-double-play-singletask-task3-v0 -> cube-double-play-v0 (the file OGBench loads)."""
-    return re.sub(r"-singletask(-task\d)?", "", env_name)
-
-
-def import_ogbench():
-    import warnings
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on OGBench's spaces
-    warnings.filterwarnings("ignore", module="glfw")  # no display: MuJoCo rendering is never used here
-    try:
-        import ogbench  # registers the environments with gymnasium
-    except ImportError as e:
-        raise SystemExit(f"error: OGBench is not installed ({e}). Run: pip install -r requirements.txt")
-    return ogbench
-
-
-def prepare_dataset_dir(env_name: str, args: Args) -> str:
-    """Directory holding <dataset>.npz: OGBench's files if present, else its download, else the files that
-    prepare_ogbench.py makes with OGBench's own scripted planner (the public files' recipe), saying so."""
-    ogbench, name = import_ogbench(), dataset_name_of(env_name)
-    generate = args.generate_data or args.dataset_episodes
-    official_dir = os.path.expanduser(args.dataset_dir or "~/.ogbench/data")
-    if not generate:
-        if all(os.path.exists(os.path.join(official_dir, f"{name}{s}.npz")) for s in ("", "-val")):
-            return official_dir
-        try:
-            print(f"[data] {name} not in {official_dir}; trying OGBench's download")
-            ogbench.download_datasets([name], official_dir)
-            return official_dir
-        except Exception as e:
-            print(f"[data] download failed ({type(e).__name__}: {e}); generating the data with OGBench's planner "
-                  f"instead (prepare_ogbench.py; Ctrl-C keeps the finished episodes, a rerun continues)")
-    import prepare_ogbench  # the data recipe is a script of its own; it imports nothing from this file
-    episodes = args.dataset_episodes or prepare_ogbench.PUBLIC_EPISODES[name]
-    out_dir = official_dir if args.dataset_dir and generate else \
-        prepare_ogbench.default_generated_dir(name, episodes, args.data_seed)
-    try:
-        return prepare_ogbench.generate_dataset(name, out_dir, episodes, args.data_seed, args.data_workers)
-    except prepare_ogbench.DataError as e:
-        raise DatasetError(str(e)) from None
-
-
-def load_ogbench(env_name: str, dataset_dir: str):
-    """(env, train, val) through OGBench's own loader, which relabels single-task rewards from qpos."""
-    ogbench, name = import_ogbench(), dataset_name_of(env_name)
-    fix = "delete it and rerun with --generate-data to regenerate it"
-    for path in [os.path.join(dataset_dir, f"{name}{s}.npz") for s in ("", "-val")]:  # name the broken file
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                lengths = {k: f[k].shape[0] for k in ("observations", "actions", "terminals", "qpos")}
-        except Exception as e:
-            raise DatasetError(f"cannot read dataset file {path} ({type(e).__name__}: {e}); it is missing, corrupt "
-                               f"or lacks a key: {fix}") from None
-        if len(set(lengths.values())) != 1:
-            raise DatasetError(f"{path} has arrays of different lengths {lengths}; {fix}")
-    env, train, val = ogbench.make_env_and_datasets(env_name, dataset_dir=dataset_dir)
-    (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
-    if train["observations"].shape[1] != obs_dim or train["actions"].shape[1] != act_dim:
-        raise DatasetError(f"{dataset_dir}/{name}.npz holds observations/actions of size "
-                           f"{train['observations'].shape[1]}/{train['actions'].shape[1]}, but {env_name} has "
-                           f"{obs_dim}/{act_dim}: a file of another task; {fix}")
-    return env, train, val
-
-
-def make_env(env_name: str):
-    """The single-task env with its episode cap (200 single, 500 double, 1000 triple), reset clean."""
-    env = import_ogbench().make_env_and_datasets(env_name, env_only=True)
-    env.reset = functools.partial(reset_clean, env, env.reset)
-    return env
-
-
-def reset_clean(env, reset: Callable, **kwargs):
-    """OGBench's reset, then MuJoCo's controls and solver warm start zeroed (as mj_resetData leaves them). A task
-    reset settles the scene with two steps of an unseeded random action and keeps both; the first step reads
-    the warm start, so the same seed and actions could give another episode (docs/results.md, deviation 18)."""
-    out = reset(**kwargs)
-    env.unwrapped.data.ctrl[:] = 0.0
-    env.unwrapped.data.qacc_warmstart[:] = 0.0
-    return out
+    if full := prepare_ogbench.resolve_env_name(name):
+        return full
+    raise ValueError(f"unknown --env {name!r}. Accepted: {', '.join(prepare_ogbench.TASK_ALIASES)}, "
+                     f"{', '.join(prepare_robomimic.ROBOMIMIC_TASKS)}, or full OGBench names "
+                     f"cube-{{{','.join(prepare_ogbench.CUBES)}}}-play-singletask[-task{{1..5}}]-v0")
 
 
 def load_task(env_name: str, args: Args):
-    """(dataset, make_env, source file) for a resolved task name: the one place that knows a task's suite.
+    """(dataset, make_env, source file) of a resolved task name: the one place that knows a task's suite.
 
     dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations. make_env(): a
     new gymnasium-style env whose info["success"] reports success; .env_args (robomimic) for --eval-only."""
-    if env_name in ROBOMIMIC_TASKS:
+    if env_name in prepare_robomimic.ROBOMIMIC_TASKS:
         if args.generate_data:
-            raise DatasetError(f"scripted robomimic demos are not the paper's data and have their own command: "
-                               f"python prepare_robomimic.py {env_name}, then --dataset-dir with the file it names")
-        dataset, new_env = load_robomimic(env_name, args.dataset_dir, args.dataset_episodes)
+            raise prepare_robomimic.DataError(
+                f"scripted robomimic demos are not the paper's data and have their own command: python "
+                f"prepare_robomimic.py {env_name}, then --dataset-dir with the file it names")
+        dataset, new_env = prepare_robomimic.load_robomimic(env_name, args.dataset_dir, args.dataset_episodes)
         return dataset, new_env, new_env.dataset_path
-    data_dir = prepare_dataset_dir(env_name, args)
-    _, dataset, _ = load_ogbench(env_name, data_dir)
-    return dataset, functools.partial(make_env, env_name), os.path.join(data_dir, dataset_name_of(env_name) + ".npz")
+    data_dir = prepare_ogbench.find_dataset(env_name, args.dataset_dir, args.generate_data or args.dataset_episodes,
+                                            args.dataset_episodes, args.data_seed, args.data_workers)
+    dataset = prepare_ogbench.load_dataset(env_name, data_dir)
+    source = os.path.join(data_dir, prepare_ogbench.dataset_name(env_name) + ".npz")
+    return dataset, functools.partial(prepare_ogbench.make_env, env_name), source
 
 
 def env_from_checkpoint(ckpt: dict):
     """The evaluation env of a saved policy: OGBench by name, robomimic from the env_args it was trained in."""
-    if ckpt["env_name"] in ROBOMIMIC_TASKS:
-        return RobomimicEnv(json.loads(ckpt["env_args"]), ROBOMIMIC_TASKS[ckpt["env_name"]]["max_episode_steps"],
-                            source=f"checkpoint of {ckpt['env_name']}")
-    return make_env(ckpt["env_name"])
-
-
-# ---- robomimic (Lift, Can, Square) through robosuite, without the robomimic package -------------
-# Its PyPI release (0.3.0) imports mujoco_py and declares unpinned torch (pip would swap the CPU torch for
-# a multi-GB CUDA build). What is needed is small and stable: the HDF5 layout, how it rebuilds an env
-# (robosuite.make(env_name, **env_kwargs), rendering off, object observations on) and the download URLs.
-# dataset: robomimic's own layout <task>/<mh|ph>/low_dim_v141.hdf5 (v141: recorded with robosuite 1.4.1).
-ROBOMIMIC_TASKS = {
-    "lift": dict(env_name="Lift", max_episode_steps=300, dataset="lift/mh/low_dim_v141.hdf5"),
-    "can": dict(env_name="PickPlaceCan", max_episode_steps=300, dataset="can/mh/low_dim_v141.hdf5"),
-    "square": dict(env_name="NutAssemblySquare", max_episode_steps=400, dataset="square/mh/low_dim_v141.hdf5"),
-}
-OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
-DEFAULT_ROOT = "~/.robomimic"
-
-
-def dataset_url(task: str, kind: str = "mh") -> str:
-    """robomimic 0.3's registry address of a task's v141 low-dim file ('mh' multi-human, 'ph' proficient)."""
-    return f"http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{kind}/low_dim_v141.hdf5"
-
-
-def default_dataset_path(task: str, dataset_dir: str = None) -> str:
-    return os.path.join(os.path.expanduser(dataset_dir or DEFAULT_ROOT), ROBOMIMIC_TASKS[task]["dataset"])
-
-
-def import_robosuite():
-    """Import robosuite without its three 'No private macro file found!' start-up lines (not actionable here)."""
-    import logging
-    import warnings
-    logger = logging.getLogger("robosuite_logs")
-    if not logger.filters:
-        logger.addFilter(lambda r: not ("private macro file" in r.getMessage() or "setup_macros" in r.getMessage()))
-    warnings.filterwarnings("ignore", module="glfw")  # no display: rendering is never used
-    warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
-    try:
-        import robosuite
-    except ImportError as e:
-        raise SystemExit(f"error: robosuite is not installed ({e}). Run: pip install -r requirements.txt")
-    return robosuite
-
-
-def flat_obs(obs: dict) -> np.ndarray:
-    """robosuite's observation dict -> the protocol's flat float32 vector (robomimic's 'object' = 'object-state')."""
-    parts = [obs["object-state"] if k == "object" else obs[k] for k in OBS_KEYS]
-    return np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in parts])
-
-
-class RobomimicEnv:
-    """A robosuite task with gymnasium's API: reward = success - 1 (robosuite's sparse reward is the success
-    indicator, so this matches the dataset's shifted rewards), terminated = success, truncated at the cap.
-
-    Built as robomimic rebuilds a file's env (renderers and cameras off, object observations on, ignore_done),
-    with hard_reset False [choice]: resets restore the compiled model (same scenes, ~7x faster; a recompile per
-    reset leaks ~50 mesh files in MuJoCo 3.1.6 and hits the open-file limit in ~400 episodes). robosuite draws
-    scenes from NumPy's *global* RNG: every reset runs under a seed drawn from this env's own generator and
-    puts the caller's global state back, so resets are reproducible and leave np.random alone."""
-
-    def __init__(self, env_args: dict, max_episode_steps: int, source: str = "env_args"):
-        from gymnasium.spaces import Box
-        robosuite = import_robosuite()
-        self.env_args, self.env_name, self.max_episode_steps = env_args, env_args["env_name"], int(max_episode_steps)
-        kwargs = dict(env_args.get("env_kwargs", {}), has_renderer=False, has_offscreen_renderer=False,
-                      use_camera_obs=False, use_object_obs=True, ignore_done=True, camera_depths=False,
-                      hard_reset=False)
-        # robosuite draws part of the model (Lift: the cube's size) from NumPy's global RNG when it builds the env,
-        # and resets keep the model: built from a fixed seed, every process (training, evaluation workers, the
-        # scripted recorder, --eval-only) has the same one; the caller's global state is put back
-        state = np.random.get_state()
-        try:
-            np.random.seed(0)
-            self.env = robosuite.make(env_args["env_name"], **kwargs)
-        except (TypeError, KeyError, ValueError, AssertionError) as e:  # kwargs of another robosuite version
-            raise DatasetError(f"{source}: robosuite {robosuite.__version__} cannot build {self.env_name} from the "
-                               f"file's env_kwargs ({e}); it was recorded with robosuite "
-                               f"{env_args.get('env_version', '?')}. Use the v141 files (robosuite 1.4.1).")
-        finally:
-            np.random.set_state(state)
-        self.action_space = Box(*(np.asarray(x, np.float32) for x in self.env.action_spec), dtype=np.float32)
-        self.np_random, self._t, self.raw_obs = np.random.default_rng(), 0, None
-        self.observation_space = Box(-np.inf, np.inf, self.reset()[0].shape, dtype=np.float32)
-
-    def reset(self, seed=None, options=None):
-        if seed is not None:
-            self.np_random = np.random.default_rng(seed)
-        state = np.random.get_state()
-        try:
-            np.random.seed(int(self.np_random.integers(2**32 - 1)))
-            self.raw_obs = self.env.reset()  # robosuite's full observation dict (the scripted demonstrator reads it)
-        finally:
-            np.random.set_state(state)
-        self._t = 0
-        return flat_obs(self.raw_obs), {"success": False}
-
-    def step(self, action):
-        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
-        self.raw_obs, _, _, info = self.env.step(action)
-        self._t += 1
-        success = bool(self.env._check_success())
-        truncated = (not success) and self._t >= self.max_episode_steps
-        return flat_obs(self.raw_obs), float(success) - 1.0, success, truncated, dict(info, success=success)
-
-    @property
-    def unwrapped(self):  # gymnasium's name, through which checkpoints save and restore the env's RNG
-        return self
-
-    def close(self):
-        self.env.close()
-
-
-def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
-    """A robomimic low-dim file -> (flat float32 arrays as the training loop uses, env_args, scripted settings or
-    None). Demos in numeric order (demo_0, demo_1, ..., demo_10), the first num_demos if given. rewards shifted
-    by -1; masks 0 where the file's reward is 1 (success stops bootstrapping, as online); terminals 1 on each
-    demo's last row (the file's `dones` also marks success steps in robomimic's done_mode 2)."""
-    try:
-        import h5py
-    except ImportError as e:
-        raise SystemExit(f"error: h5py is not installed ({e}). Run: pip install -r requirements.txt")
-    scripted_cmd = f"python prepare_robomimic.py {task}"
-    fix = (f"Delete it and rerun {scripted_cmd} to regenerate it." if "scripted" in os.path.basename(path) else
-           f"Delete it and re-download it ({scripted_cmd} --download, or {dataset_url(task)} to {path})"
-           + (f", or record scripted demos (not the paper's data): {scripted_cmd}." if task != "square" else "."))
-    try:
-        with h5py.File(path, "r") as f:
-            data = f["data"]
-            env_args = json.loads(data.attrs["env_args"])
-            scripted = json.loads(data.attrs["mvp_scripted"]) if "mvp_scripted" in data.attrs else None
-            names = sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k[5:]))
-            demos = [{p: np.concatenate([np.asarray(data[n][p][k], np.float32) for k in OBS_KEYS], axis=1)
-                      for p in ("obs", "next_obs")} | {k: np.asarray(data[n][k], np.float32) for k in
-                                                       ("actions", "rewards")} for n in names[:num_demos]]
-    except Exception as e:
-        raise DatasetError(f"cannot read {path} as a robomimic low-dim dataset ({type(e).__name__}: {e}); it is "
-                           f"corrupt or not one. {fix}") from None
-    want = ROBOMIMIC_TASKS[task]["env_name"]
-    if env_args.get("env_name") != want:
-        other = next((t for t, s in ROBOMIMIC_TASKS.items() if s["env_name"] == env_args.get("env_name")), None)
-        raise DatasetError(f"{path} holds demos of {env_args.get('env_name')!r} "
-                           f"({f'task {other!r}' if other else 'another environment'}), not {want!r} "
-                           f"(task '{task}'). Put the {task} file there ({dataset_url(task)}).")
-    if not str(env_args.get("env_version", "1.4.1")).startswith("1.4."):
-        raise DatasetError(f"{path} was recorded with robosuite {env_args['env_version']}; this project runs robosuite "
-                           f"1.4.1 (MuJoCo 3.1.6, shared with OGBench) and needs the v141 files: {dataset_url(task)}")
-    if not names or (num_demos or 0) > len(names):
-        raise DatasetError(f"{path} has {len(names)} demos under data/, fewer than the {num_demos or 1} needed. {fix}")
-    for name, d in zip(names, demos):
-        n, rew = len(d["actions"]), d["rewards"].ravel()
-        if n == 0 or not len(d["obs"]) == len(d["next_obs"]) == len(rew) == n:
-            raise DatasetError(f"{path}: {name} has obs/next_obs/actions/rewards of lengths {len(d['obs'])}/"
-                               f"{len(d['next_obs'])}/{n}/{len(rew)}. {fix}")
-        if not np.isin(rew, (0.0, 1.0)).all():
-            raise DatasetError(f"{path}: {name} has rewards other than 0/1 (a dense-reward file?); the protocol uses "
-                               f"the sparse low_dim files")
-    cat = (lambda f: np.ascontiguousarray(np.concatenate([f(d) for d in demos]), dtype=np.float32))
-    dataset = dict(observations=cat(lambda d: d["obs"]), actions=cat(lambda d: d["actions"]),
-                   rewards=cat(lambda d: d["rewards"].ravel() - 1.0), masks=cat(lambda d: d["rewards"].ravel() != 1),
-                   terminals=cat(lambda d: np.arange(len(d["actions"])) == len(d["actions"]) - 1),
-                   next_observations=cat(lambda d: d["next_obs"]))
-    if dataset["actions"].shape[1] != 7:
-        raise DatasetError(f"{path} has {dataset['actions'].shape[1]}-D actions, expected 7 (OSC_POSE + gripper)")
-    return dataset, env_args, scripted
-
-
-def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
-    """(dataset, make_env) for 'lift', 'can' or 'square', as load_task returns them. The file: dataset_dir itself
-    if it is an .hdf5 file (the scripted ones of prepare_robomimic.py, say), else <dataset_dir or ~/.robomimic>/
-    <task>/mh/low_dim_v141.hdf5; a missing file's error names its download and the scripted alternative.
-    make_env() builds a NEW env from the file's own env_args, and carries .dataset_path, .scripted, .env_args."""
-    direct = dataset_dir is not None and str(dataset_dir).endswith((".hdf5", ".h5"))
-    path = os.path.expanduser(dataset_dir) if direct else default_dataset_path(task, dataset_dir)
-    if not os.path.exists(path):
-        alt = (f"; or record scripted demos (not the paper's data): python prepare_robomimic.py {task}, then "
-               f"--dataset-dir with the file it names" if task != "square" else
-               " (there is no scripted demonstrator for square)")
-        raise DatasetError(f"robomimic dataset for '{task}' not found at {path}. Download it: python "
-                           f"prepare_robomimic.py {task} --download (or fetch {dataset_url(task)} and put it at "
-                           f"{path}, or pass --dataset-dir){alt}.")
-    dataset, env_args, scripted = read_robomimic_hdf5(path, task, num_demos)
-    if scripted:
-        print(f"[robomimic] {path}: SCRIPTED demos ({scripted.get('demonstrator')}), not the human data of the "
-              f"paper; results are not comparable.", file=sys.stderr)
-
-    def make_env():
-        return RobomimicEnv(env_args, ROBOMIMIC_TASKS[task]["max_episode_steps"], source=path)
-
-    make_env.dataset_path, make_env.scripted, make_env.env_args = path, scripted, env_args
-    return dataset, make_env
+    if ckpt["env_name"] in prepare_robomimic.ROBOMIMIC_TASKS:
+        return prepare_robomimic.RobomimicEnv(json.loads(ckpt["env_args"]),
+                                              prepare_robomimic.ROBOMIMIC_TASKS[ckpt["env_name"]]["max_episode_steps"],
+                                              source=f"checkpoint of {ckpt['env_name']}")
+    return prepare_ogbench.make_env(ckpt["env_name"])
 
 
 # ---- CUDA graphs: record a step once, replay it as one launch -----------------------------------
 class CUDAGraphed:
-    """Calls fn() eagerly `warmup` times (on a side stream, so lazy set-up happens before recording), then records
-    one call as a CUDA graph and replays it. An eager MVP update is about 380 small kernels whose launches cost
-    the host more than the GPU's work (one H100: 12.9 ms wall, 2.9 ms GPU); a replay is one launch. fn must use
-    tensors at fixed addresses, never sync with the host (.item(), value-dependent shapes) and draw random
-    numbers from `generator`, registered with the graph so that each replay draws fresh ones."""
+    """Runs fn() eagerly `warmup` times on a side stream, then records one call and replays it: an eager MVP
+    update is about 380 kernel launches (one H100: 12.9 ms wall, 2.9 ms GPU), a replay one. fn must keep its
+    tensors' addresses, never sync (.item(), data-dependent shapes) and draw only from `generator`."""
 
     def __init__(self, fn: Callable, generator: torch.Generator, warmup: int = 3):
         self.fn, self.generator, self.warmup = fn, generator, warmup
@@ -1018,11 +749,9 @@ def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len:
 @torch.no_grad()
 def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len: int, discount: float, device,
                 generator) -> dict:
-    """One evaluation episode, chunks open loop; returns its eval.csv columns. Besides success, return and length:
-    the critic's estimate q0 = mean_K Q_k(s_0, a*_0) for the first chunk run, the realised discounted return it
-    estimates, sum_k gamma^k r_k (at the episode cap L that sum lacks the tail gamma^L V(s_L) Q bootstraps), and
-    the fraction of steps OGBench's gripper touches something, in practice a cube (NaN on robomimic): a policy
-    that never touches a cube is broken, not slow."""
+    """One episode, chunks open loop, as eval.csv columns: success, return, length, the critic's q0 = mean_K
+    Q_k(s_0, a*_0) beside the discounted return it estimates (which lacks the tail at the episode cap), and the
+    fraction of steps OGBench's gripper touches something (NaN on robomimic): a policy that never does is broken."""
     obs, _ = env.reset(seed=seed)
     queue, rewards, contact, info, done, q0 = [], [], [], {}, False, None
     while not done:
@@ -1046,12 +775,10 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
 
 def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
              seed: int, desc: str = "eval", workers: int = 0, args: Args | None = None, task: dict | None = None):
-    """run_episode's numbers averaged over episodes, for best-of-N and, on the same env seeds, for the policy
-    alone (N = 1, columns prefixed bc_): what selection adds over imitation. Each episode's candidate noise is
-    seeded from its env seed, so evaluating leaves training's random draws alone. workers > 0 runs episodes in
-    processes that rebuild the learner from args and the env from task (a checkpoint's env_name, env_args,
-    obs_dim, action_dim), with CPU float32 copies of the networks: a CPU run gets the same numbers as here; a
-    CUDA run's episodes differ from in-process ones (CUDA random numbers, TF32), whatever the worker count."""
+    """run_episode's means for best-of-N and, on the same env seeds, for N = 1 (columns bc_): what selection adds.
+    Candidate noise is seeded per episode, so training's random draws are left alone. workers > 0 runs episodes
+    in processes with CPU float32 copies of the networks (learner from args, env from task): the numbers of a CPU
+    run; a CUDA run's episodes differ from in-process ones (CUDA random numbers, TF32)."""
     from tqdm import tqdm
     jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
     if workers := eval_processes(workers, device):
@@ -1067,8 +794,7 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
 
 
 def eval_processes(requested: int, device) -> int:
-    """--eval-workers resolved: -1 (auto) is this process on a CPU run, one per spare core (at most 16) with CUDA,
-    where MuJoCo stepping on the CPU dominates an episode."""
+    """--eval-workers -1: none on CPU; with CUDA one per spare core (at most 16), as MuJoCo's stepping dominates."""
     return requested if requested >= 0 else min(16, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
 
 
@@ -1091,9 +817,9 @@ def _eval_episode(job) -> dict:
 
 
 def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str) -> list:
-    """_eval_episode over jobs in `workers` spawned processes. They start with Ctrl-C and SIGTERM ignored (a
-    terminal or Slurm signals the whole process group): those are the training process's, which saves after
-    the evaluation; a second signal drops the episodes not started."""
+    """_eval_episode over jobs in spawned processes that ignore Ctrl-C and SIGTERM (sent to the whole process
+    group): the training process saves after the evaluation; a second signal drops the episodes not started."""
+
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing as mp
     from tqdm import tqdm
@@ -1544,7 +1270,7 @@ def main(argv=None):
         if args.eval_only:
             return eval_only(args)
         return train(*resume_args(args)) if args.resume else train(args)
-    except (DatasetError, NonFiniteLoss) as e:
+    except (*DATA_ERRORS, NonFiniteLoss) as e:
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # out of memory: torch.OutOfMemoryError on CUDA, the allocator's RuntimeError on CPU
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):

@@ -1,11 +1,12 @@
-"""Make OGBench's cube play datasets without a download, with OGBench's own scripted planner.
+"""OGBench for mvp.py: the cube tasks, their dataset files and environments, and the play data made here.
 
-The public cube-{single,double,triple}-play-v0 files were recorded this way: the planner
-(CubePlanOracle, noise 0.1, smoothing 0.5) drives the data-collection env and picks a new target
-whenever it is done. The files written here have OGBench's format, so OGBench's own loader reads them:
+mvp.py reads a task's dataset and builds its env through this file (which never imports mvp.py). Where
+OGBench's download fails, the play data is made here with OGBench's own scripted planner, as the public
+cube-{single,double,triple}-play-v0 files were: the planner (CubePlanOracle, noise 0.1, smoothing 0.5)
+drives the data-collection env and picks a new target whenever it is done. The files have OGBench's
+format, so OGBench's own loader reads them:
     python prepare_ogbench.py --env cube-double               # 1000 + 100 episodes, about an hour on 2 cores
     python mvp.py --env cube-double-task1 --dataset-dir <the folder it prints>
-mvp.py calls generate_dataset itself when OGBench's download fails (it imports this file, never the reverse).
 
 Finished episodes are kept as they come, in <out_dir>/<name>.parts/: Ctrl-C loses only the ones under way,
 and a rerun with the same settings makes only the missing ones. Every episode depends on (seed, index)
@@ -13,8 +14,10 @@ alone and the files carry no timestamps, so the same settings give the same byte
 or with any number of workers.
 """
 import argparse
+import functools
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -205,6 +208,86 @@ def generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: i
     return out_dir
 
 
+# ---- the tasks mvp.py trains on: names, dataset files, environments ---------------------------------
+CUBES = ("single", "double", "triple")
+TASK_ALIASES = {f"cube-{n}{f'-task{k}' if k else ''}": f"cube-{n}-play-singletask{f'-task{k}' if k else ''}-v0"
+                for n in CUBES for k in range(6)}
+FULL_NAME = re.compile(rf"^cube-({'|'.join(CUBES)})-play-singletask(-task[1-5])?-v0$")
+
+
+def resolve_env_name(name: str) -> str | None:
+    """Alias or full name -> OGBench's full task name (cube-double-task3 -> cube-double-play-singletask-task3-v0);
+    None if it is neither."""
+    return name if FULL_NAME.match(name) else TASK_ALIASES.get(name)
+
+
+def dataset_name(env: str) -> str | None:
+    """The dataset a task or alias loads: cube-double, cube-double-task3, cube-double-play-v0 or
+    cube-double-play-singletask-task3-v0 -> cube-double-play-v0; None if unknown."""
+    name = re.sub(r"-singletask(-task\d)?", "", env)
+    name = name if name.endswith("-play-v0") else name.split("-task")[0] + "-play-v0"
+    return name if name in PUBLIC_EPISODES else None
+
+
+def find_dataset(env_name: str, dataset_dir: str | None, generate: bool, episodes: int | None, seed: int,
+                 workers: int) -> str:
+    """Directory holding <dataset>.npz: OGBench's files if present, else its download, else the files
+    generate_dataset makes with OGBench's own scripted planner (the public files' recipe), saying so."""
+    ogbench, name = import_ogbench(), dataset_name(env_name)
+    official_dir = os.path.expanduser(dataset_dir or "~/.ogbench/data")
+    if not generate:
+        if all(os.path.exists(os.path.join(official_dir, f"{name}{s}.npz")) for s in ("", "-val")):
+            return official_dir
+        try:
+            print(f"[data] {name} not in {official_dir}; trying OGBench's download")
+            ogbench.download_datasets([name], official_dir)
+            return official_dir
+        except Exception as e:
+            print(f"[data] download failed ({type(e).__name__}: {e}); generating the data with OGBench's planner "
+                  f"instead (prepare_ogbench.py; Ctrl-C keeps the finished episodes, a rerun continues)")
+    episodes = episodes or PUBLIC_EPISODES[name]
+    out_dir = official_dir if dataset_dir and generate else default_generated_dir(name, episodes, seed)
+    return generate_dataset(name, out_dir, episodes, seed, workers)
+
+
+def load_dataset(env_name: str, dataset_dir: str) -> dict:
+    """The training split through OGBench's own loader, which relabels single-task rewards from qpos."""
+    name, fix = dataset_name(env_name), "delete it and rerun with --generate-data to regenerate it"
+    for path in [os.path.join(dataset_dir, f"{name}{s}.npz") for s in ("", "-val")]:  # name the broken file
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                lengths = {k: f[k].shape[0] for k in ("observations", "actions", "terminals", "qpos")}
+        except Exception as e:
+            raise DataError(f"cannot read dataset file {path} ({type(e).__name__}: {e}); it is missing, corrupt "
+                            f"or lacks a key: {fix}") from None
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"{path} has arrays of different lengths {lengths}; {fix}")
+    env, train, _ = import_ogbench().make_env_and_datasets(env_name, dataset_dir=dataset_dir)
+    (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
+    if train["observations"].shape[1] != obs_dim or train["actions"].shape[1] != act_dim:
+        raise DataError(f"{dataset_dir}/{name}.npz holds observations/actions of size "
+                        f"{train['observations'].shape[1]}/{train['actions'].shape[1]}, but {env_name} has "
+                        f"{obs_dim}/{act_dim}: a file of another task; {fix}")
+    return train
+
+
+def make_env(env_name: str):
+    """The single-task env with its episode cap (200 single, 500 double, 1000 triple), reset clean."""
+    env = import_ogbench().make_env_and_datasets(env_name, env_only=True)
+    env.reset = functools.partial(reset_clean, env, env.reset)
+    return env
+
+
+def reset_clean(env, reset, **kwargs):
+    """OGBench's reset, then MuJoCo's controls and solver warm start zeroed (as mj_resetData leaves them). A task
+    reset settles the scene with two steps of an unseeded random action and keeps both; the first step reads
+    the warm start, so the same seed and actions could give another episode (docs/results.md, deviation 18)."""
+    out = reset(**kwargs)
+    env.unwrapped.data.ctrl[:] = 0.0
+    env.unwrapped.data.qacc_warmstart[:] = 0.0
+    return out
+
+
 # ---- command line ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Make OGBench cube play data with OGBench's scripted planner.")
@@ -214,12 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset-dir", help="output folder (default ~/.ogbench/generated/<name>_<N>ep_seed<S>)")
     parser.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     return parser
-
-
-def dataset_name(env: str):
-    """cube-double, cube-double-play-v0 (or mvp's alias cube-double-task3) -> cube-double-play-v0; None if unknown."""
-    name = env if env.endswith("-play-v0") else env.split("-task")[0] + "-play-v0"
-    return name if name in PUBLIC_EPISODES else None
 
 
 def main(argv=None):

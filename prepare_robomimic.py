@@ -1,11 +1,13 @@
-"""Make or fetch robomimic low-dim data for mvp.py: the human datasets' download, or scripted demos.
+"""robomimic for mvp.py: its tasks, low-dim files and environments, the files' download, or scripted demos.
+
+mvp.py reads a task's file and builds its env through this file (which never imports mvp.py).
 
 The paper trains on robomimic's multi-human files (low_dim_v141.hdf5, recorded with robosuite 1.4.1):
     python prepare_robomimic.py lift --download        # to ~/.robomimic/lift/mh/low_dim_v141.hdf5
     python mvp.py --env lift
 Where they cannot be downloaded, a scripted demonstrator records Lift or Can demos in the same layout.
 They are NOT the paper's data (one noisy controller instead of many people), and results on them are not
-comparable to the paper's; the file is marked so, and mvp.py says so when it loads one:
+comparable to the paper's; the file is marked so, and the reader here says so when it loads one:
     python prepare_robomimic.py lift --demos 100      # about a minute on one core
     python mvp.py --env lift --dataset-dir ~/.robomimic/lift/scripted/low_dim_scripted_100demos_seed0.hdf5
 
@@ -23,8 +25,6 @@ import time
 
 import numpy as np
 
-import mvp  # the task table, the env and the error type; mvp.py never imports this file
-
 
 def import_h5py():
     try:
@@ -34,13 +34,40 @@ def import_h5py():
     return h5py
 
 
+class DataError(Exception):
+    """A robomimic file is missing, unreadable or does not match its task."""
+
+
+# ---- robomimic (Lift, Can, Square) through robosuite, without the robomimic package -------------
+# Its PyPI release (0.3.0) imports mujoco_py and declares unpinned torch (pip would swap the CPU torch for
+# a multi-GB CUDA build). What is needed is small and stable: the HDF5 layout, how it rebuilds an env
+# (robosuite.make(env_name, **env_kwargs), rendering off, object observations on) and the download URLs.
+# dataset: robomimic's own layout <task>/<mh|ph>/low_dim_v141.hdf5 (v141: recorded with robosuite 1.4.1).
+ROBOMIMIC_TASKS = {
+    "lift": dict(env_name="Lift", max_episode_steps=300, dataset="lift/mh/low_dim_v141.hdf5"),
+    "can": dict(env_name="PickPlaceCan", max_episode_steps=300, dataset="can/mh/low_dim_v141.hdf5"),
+    "square": dict(env_name="NutAssemblySquare", max_episode_steps=400, dataset="square/mh/low_dim_v141.hdf5"),
+}
+OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+DEFAULT_ROOT = "~/.robomimic"
+
+
+def dataset_url(task: str, kind: str = "mh") -> str:
+    """robomimic 0.3's registry address of a task's v141 low-dim file ('mh' multi-human, 'ph' proficient)."""
+    return f"http://downloads.cs.stanford.edu/downloads/rt_benchmark/{task}/{kind}/low_dim_v141.hdf5"
+
+
+def default_dataset_path(task: str, dataset_dir: str = None) -> str:
+    return os.path.join(os.path.expanduser(dataset_dir or DEFAULT_ROOT), ROBOMIMIC_TASKS[task]["dataset"])
+
+
 def import_robosuite():
-    """robosuite without its three 'No private macro file found!' start-up lines (not actionable here)."""
+    """Import robosuite without its three 'No private macro file found!' start-up lines (not actionable here)."""
     import logging
     import warnings
     logger = logging.getLogger("robosuite_logs")
     if not logger.filters:
-        logger.addFilter(lambda r: "macro" not in r.getMessage())
+        logger.addFilter(lambda r: not ("private macro file" in r.getMessage() or "setup_macros" in r.getMessage()))
     warnings.filterwarnings("ignore", module="glfw")  # no display: rendering is never used
     warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
     try:
@@ -48,6 +75,152 @@ def import_robosuite():
     except ImportError as e:
         raise SystemExit(f"error: robosuite is not installed ({e}). Run: pip install -r requirements.txt")
     return robosuite
+
+
+def flat_obs(obs: dict) -> np.ndarray:
+    """robosuite's observation dict -> the protocol's flat float32 vector (robomimic's 'object' = 'object-state')."""
+    parts = [obs["object-state"] if k == "object" else obs[k] for k in OBS_KEYS]
+    return np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in parts])
+
+
+class RobomimicEnv:
+    """A robosuite task with gymnasium's API: reward = success - 1 (robosuite's sparse reward is the success
+    indicator, so this matches the dataset's shifted rewards), terminated = success, truncated at the cap.
+
+    Built as robomimic rebuilds a file's env (renderers and cameras off, object observations on, ignore_done),
+    with hard_reset False [choice]: resets restore the compiled model (same scenes, ~7x faster; a recompile per
+    reset leaks ~50 mesh files in MuJoCo 3.1.6 and hits the open-file limit in ~400 episodes). robosuite draws
+    scenes from NumPy's *global* RNG: every reset runs under a seed drawn from this env's own generator and
+    puts the caller's global state back, so resets are reproducible and leave np.random alone."""
+
+    def __init__(self, env_args: dict, max_episode_steps: int, source: str = "env_args"):
+        from gymnasium.spaces import Box
+        robosuite = import_robosuite()
+        self.env_args, self.env_name, self.max_episode_steps = env_args, env_args["env_name"], int(max_episode_steps)
+        kwargs = dict(env_args.get("env_kwargs", {}), has_renderer=False, has_offscreen_renderer=False,
+                      use_camera_obs=False, use_object_obs=True, ignore_done=True, camera_depths=False,
+                      hard_reset=False)
+        # robosuite draws part of the model (Lift: the cube's size) from NumPy's global RNG when it builds the env,
+        # and resets keep the model: built from a fixed seed, every process (training, evaluation workers, the
+        # scripted recorder, --eval-only) has the same one; the caller's global state is put back
+        state = np.random.get_state()
+        try:
+            np.random.seed(0)
+            self.env = robosuite.make(env_args["env_name"], **kwargs)
+        except (TypeError, KeyError, ValueError, AssertionError) as e:  # kwargs of another robosuite version
+            raise DataError(f"{source}: robosuite {robosuite.__version__} cannot build {self.env_name} from the "
+                               f"file's env_kwargs ({e}); it was recorded with robosuite "
+                               f"{env_args.get('env_version', '?')}. Use the v141 files (robosuite 1.4.1).")
+        finally:
+            np.random.set_state(state)
+        self.action_space = Box(*(np.asarray(x, np.float32) for x in self.env.action_spec), dtype=np.float32)
+        self.np_random, self._t, self.raw_obs = np.random.default_rng(), 0, None
+        self.observation_space = Box(-np.inf, np.inf, self.reset()[0].shape, dtype=np.float32)
+
+    def reset(self, seed=None, options=None):
+        if seed is not None:
+            self.np_random = np.random.default_rng(seed)
+        state = np.random.get_state()
+        try:
+            np.random.seed(int(self.np_random.integers(2**32 - 1)))
+            self.raw_obs = self.env.reset()  # robosuite's full observation dict (the scripted demonstrator reads it)
+        finally:
+            np.random.set_state(state)
+        self._t = 0
+        return flat_obs(self.raw_obs), {"success": False}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, dtype=np.float64), self.action_space.low, self.action_space.high)
+        self.raw_obs, _, _, info = self.env.step(action)
+        self._t += 1
+        success = bool(self.env._check_success())
+        truncated = (not success) and self._t >= self.max_episode_steps
+        return flat_obs(self.raw_obs), float(success) - 1.0, success, truncated, dict(info, success=success)
+
+    @property
+    def unwrapped(self):  # gymnasium's name, through which checkpoints save and restore the env's RNG
+        return self
+
+    def close(self):
+        self.env.close()
+
+
+def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
+    """A robomimic low-dim file -> (flat float32 arrays as the training loop uses, env_args, scripted settings or
+    None). Demos in numeric order (demo_0, demo_1, ..., demo_10), the first num_demos if given. rewards shifted
+    by -1; masks 0 where the file's reward is 1 (success stops bootstrapping, as online); terminals 1 on each
+    demo's last row (the file's `dones` also marks success steps in robomimic's done_mode 2)."""
+    h5py = import_h5py()
+    scripted_cmd = f"python prepare_robomimic.py {task}"
+    fix = (f"Delete it and rerun {scripted_cmd} to regenerate it." if "scripted" in os.path.basename(path) else
+           f"Delete it and re-download it ({scripted_cmd} --download, or {dataset_url(task)} to {path})"
+           + (f", or record scripted demos (not the paper's data): {scripted_cmd}." if task != "square" else "."))
+    try:
+        with h5py.File(path, "r") as f:
+            data = f["data"]
+            env_args = json.loads(data.attrs["env_args"])
+            scripted = json.loads(data.attrs["mvp_scripted"]) if "mvp_scripted" in data.attrs else None
+            names = sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k[5:]))
+            demos = [{p: np.concatenate([np.asarray(data[n][p][k], np.float32) for k in OBS_KEYS], axis=1)
+                      for p in ("obs", "next_obs")} | {k: np.asarray(data[n][k], np.float32) for k in
+                                                       ("actions", "rewards")} for n in names[:num_demos]]
+    except Exception as e:
+        raise DataError(f"cannot read {path} as a robomimic low-dim dataset ({type(e).__name__}: {e}); it is "
+                           f"corrupt or not one. {fix}") from None
+    want = ROBOMIMIC_TASKS[task]["env_name"]
+    if env_args.get("env_name") != want:
+        other = next((t for t, s in ROBOMIMIC_TASKS.items() if s["env_name"] == env_args.get("env_name")), None)
+        raise DataError(f"{path} holds demos of {env_args.get('env_name')!r} "
+                           f"({f'task {other!r}' if other else 'another environment'}), not {want!r} "
+                           f"(task '{task}'). Put the {task} file there ({dataset_url(task)}).")
+    if not str(env_args.get("env_version", "1.4.1")).startswith("1.4."):
+        raise DataError(f"{path} was recorded with robosuite {env_args['env_version']}; this project runs robosuite "
+                           f"1.4.1 (MuJoCo 3.1.6, shared with OGBench) and needs the v141 files: {dataset_url(task)}")
+    if not names or (num_demos or 0) > len(names):
+        raise DataError(f"{path} has {len(names)} demos under data/, fewer than the {num_demos or 1} needed. {fix}")
+    for name, d in zip(names, demos):
+        n, rew = len(d["actions"]), d["rewards"].ravel()
+        if n == 0 or not len(d["obs"]) == len(d["next_obs"]) == len(rew) == n:
+            raise DataError(f"{path}: {name} has obs/next_obs/actions/rewards of lengths {len(d['obs'])}/"
+                               f"{len(d['next_obs'])}/{n}/{len(rew)}. {fix}")
+        if not np.isin(rew, (0.0, 1.0)).all():
+            raise DataError(f"{path}: {name} has rewards other than 0/1 (a dense-reward file?); the protocol uses "
+                               f"the sparse low_dim files")
+    cat = (lambda f: np.ascontiguousarray(np.concatenate([f(d) for d in demos]), dtype=np.float32))
+    dataset = dict(observations=cat(lambda d: d["obs"]), actions=cat(lambda d: d["actions"]),
+                   rewards=cat(lambda d: d["rewards"].ravel() - 1.0), masks=cat(lambda d: d["rewards"].ravel() != 1),
+                   terminals=cat(lambda d: np.arange(len(d["actions"])) == len(d["actions"]) - 1),
+                   next_observations=cat(lambda d: d["next_obs"]))
+    if dataset["actions"].shape[1] != 7:
+        raise DataError(f"{path} has {dataset['actions'].shape[1]}-D actions, expected 7 (OSC_POSE + gripper)")
+    return dataset, env_args, scripted
+
+
+def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
+    """(dataset, make_env) for 'lift', 'can' or 'square', as load_task returns them. The file: dataset_dir itself
+    if it is an .hdf5 file (the scripted ones of prepare_robomimic.py, say), else <dataset_dir or ~/.robomimic>/
+    <task>/mh/low_dim_v141.hdf5; a missing file's error names its download and the scripted alternative.
+    make_env() builds a NEW env from the file's own env_args, and carries .dataset_path, .scripted, .env_args."""
+    direct = dataset_dir is not None and str(dataset_dir).endswith((".hdf5", ".h5"))
+    path = os.path.expanduser(dataset_dir) if direct else default_dataset_path(task, dataset_dir)
+    if not os.path.exists(path):
+        alt = (f"; or record scripted demos (not the paper's data): python prepare_robomimic.py {task}, then "
+               f"--dataset-dir with the file it names" if task != "square" else
+               " (there is no scripted demonstrator for square)")
+        raise DataError(f"robomimic dataset for '{task}' not found at {path}. Download it: python "
+                           f"prepare_robomimic.py {task} --download (or fetch {dataset_url(task)} and put it at "
+                           f"{path}, or pass --dataset-dir){alt}.")
+    dataset, env_args, scripted = read_robomimic_hdf5(path, task, num_demos)
+    if scripted:
+        print(f"[robomimic] {path}: SCRIPTED demos ({scripted.get('demonstrator')}), not the human data of the "
+              f"paper; results are not comparable.", file=sys.stderr)
+
+    def make_env():
+        return RobomimicEnv(env_args, ROBOMIMIC_TASKS[task]["max_episode_steps"], source=path)
+
+    make_env.dataset_path, make_env.scripted, make_env.env_args = path, scripted, env_args
+    return dataset, make_env
+
 
 
 def robomimic_env_args(task: str) -> dict:
@@ -59,7 +232,7 @@ def robomimic_env_args(task: str) -> dict:
     robosuite = import_robosuite()
     from robosuite.controllers import load_controller_config
     return dict(
-        env_name=mvp.ROBOMIMIC_TASKS[task]["env_name"], env_version=robosuite.__version__, type=1,
+        env_name=ROBOMIMIC_TASKS[task]["env_name"], env_version=robosuite.__version__, type=1,
         env_kwargs=dict(has_renderer=False, has_offscreen_renderer=False, ignore_done=True,
                         use_object_obs=True, use_camera_obs=False, control_freq=20,
                         controller_configs=load_controller_config(default_controller="OSC_POSE"),
@@ -201,7 +374,7 @@ SCRIPTED = {"lift": ScriptedLift, "can": ScriptedCan}
 # ---- recording scripted demos ----------------------------------------------------------------------
 def scripted_dataset_path(task: str, num_demos: int, seed: int, dataset_dir: str = None) -> str:
     """A separate 'scripted' folder and name, so a human file is never shadowed."""
-    root = os.path.expanduser(dataset_dir or mvp.DEFAULT_ROOT)
+    root = os.path.expanduser(dataset_dir or DEFAULT_ROOT)
     return os.path.join(root, task, "scripted", f"low_dim_scripted_{num_demos}demos_seed{seed}.hdf5")
 
 
@@ -277,12 +450,12 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     in <path>.parts/ as it finishes (a demo's arrays, or an empty file for a failure), so an interrupted run
     continues; the file is assembled from the parts at the end, which are then deleted."""
     if task not in SCRIPTED:
-        raise mvp.DatasetError(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the "
+        raise DataError(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the "
                                f"human data: python prepare_robomimic.py {task} --download (or fetch "
-                               f"{mvp.dataset_url(task)} and put it at {mvp.default_dataset_path(task)})")
+                               f"{dataset_url(task)} and put it at {default_dataset_path(task)})")
     h5py = import_h5py()
     from tqdm import tqdm
-    cap = mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"]
+    cap = ROBOMIMIC_TASKS[task]["max_episode_steps"]
     settings = dict(demonstrator=f"{SCRIPTED[task].__name__} (mvp scripted, not human data)", task=task,
                     num_demos=num_demos, seed=seed, noise_std=noise_std, max_episode_steps=cap,
                     actions="float32, as executed")  # files from before this rule lack the key: regenerated
@@ -290,7 +463,7 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     if os.path.exists(path):
         old = _read_marker(path, h5py)
         if old is None:
-            raise mvp.DatasetError(f"{path} exists and was not generated by this project (a human dataset?); "
+            raise DataError(f"{path} exists and was not generated by this project (a human dataset?); "
                                    f"refusing to overwrite it. Move it or pass another --dataset-dir.")
         if isinstance(old, dict) and all(old.get(k) == v for k, v in settings.items()):
             shutil.rmtree(parts, ignore_errors=True)  # left over if a run stopped after writing the file
@@ -305,7 +478,7 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     env_args = robomimic_env_args(task)
     max_attempts, started = max_attempts or 3 * num_demos + 10, time.time()
     if successes < num_demos:
-        env = mvp.RobomimicEnv(env_args, cap, source="scripted generator")  # the model every process builds
+        env = RobomimicEnv(env_args, cap, source="scripted generator")  # the model every process builds
         try:
             with tqdm(total=num_demos, initial=successes, desc=f"scripted {task} demos", unit="demo",
                       dynamic_ncols=True) as bar:
@@ -325,7 +498,7 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
         finally:
             env.close()
     if successes < num_demos:
-        raise mvp.DatasetError(f"scripted {task} demonstrator succeeded in only {successes} of {attempts} attempts; "
+        raise DataError(f"scripted {task} demonstrator succeeded in only {successes} of {attempts} attempts; "
                                f"cannot record {num_demos} demos")
 
     # the file, from the parts. h5py records no timestamps unless asked (track_times), so same demos, same bytes
@@ -344,7 +517,7 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
                 total += n
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(env_args, indent=4)
-            data.attrs["mvp_scripted"] = json.dumps(settings)  # mvp.py's loader reads it and warns
+            data.attrs["mvp_scripted"] = json.dumps(settings)  # read_robomimic_hdf5 reads it and warns
         os.replace(path + ".tmp", path)
     finally:
         if os.path.exists(path + ".tmp"):
@@ -359,18 +532,18 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="robomimic data for mvp.py: download the human file, or record "
                                                  "scripted demos (not the paper's data).")
-    parser.add_argument("task", choices=sorted(mvp.ROBOMIMIC_TASKS))
+    parser.add_argument("task", choices=sorted(ROBOMIMIC_TASKS))
     parser.add_argument("--download", action="store_true", help="fetch the multi-human v141 low-dim file")
     parser.add_argument("--demos", type=int, default=100, help="scripted demos to record (lift, can)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scripted demos")
-    parser.add_argument("--dataset-dir", help=f"data root (default {mvp.DEFAULT_ROOT})")
+    parser.add_argument("--dataset-dir", help=f"data root (default {DEFAULT_ROOT})")
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    task, url, human = args.task, mvp.dataset_url(args.task), mvp.default_dataset_path(args.task, args.dataset_dir)
+    task, url, human = args.task, dataset_url(args.task), default_dataset_path(args.task, args.dataset_dir)
     if args.download:
         if os.path.exists(human):
             print(f"[robomimic] {human} is already there")
@@ -393,7 +566,7 @@ def main(argv=None):
     try:
         path = generate_scripted(task, scripted_dataset_path(task, args.demos, args.seed, args.dataset_dir),
                                  args.demos, args.seed)
-    except mvp.DatasetError as e:
+    except DataError as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # what was kept is already said
         raise SystemExit(130)

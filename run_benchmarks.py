@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import mvp
+import prepare_ogbench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -203,7 +204,7 @@ def speed(opts) -> dict:
     modes = opts.modes or (["eager", "graph", "graph-tf32"] if device.type == "cuda" else ["eager"])
     if device.type != "cuda" and set(modes) - {"eager", "eager-bf16"}:
         raise SystemExit("error: on a CPU --modes can only be eager and eager-bf16 (the others use CUDA graphs)")
-    env = mvp.make_env(mvp.resolve_env_name("cube-double-task1"))
+    env = prepare_ogbench.make_env(mvp.resolve_env_name("cube-double-task1"))
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     obs0, _ = env.reset(seed=0)
     base = ["--hidden-dim", str(opts.hidden_dim), "--num-layers", str(opts.num_layers),
@@ -387,9 +388,8 @@ def share(opts) -> dict:
 def benchmark_env(task: str, steps: int = 1000, seed: int = 0) -> dict:
     """Env steps/s with uniform random actions after one reset, plus reset time and one capped episode."""
     import prepare_robomimic
-    # robomimic's env_args for a task live with the scripted data's recipe (until recently, in mvp.py)
-    env_args = getattr(prepare_robomimic, "robomimic_env_args", None) or mvp.robomimic_env_args
-    env = mvp.RobomimicEnv(env_args(task), mvp.ROBOMIMIC_TASKS[task]["max_episode_steps"], source="benchmark")
+    cap = prepare_robomimic.ROBOMIMIC_TASKS[task]["max_episode_steps"]
+    env = prepare_robomimic.RobomimicEnv(prepare_robomimic.robomimic_env_args(task), cap, source="benchmark")
     rng = np.random.default_rng(seed)
     t0 = time.time()
     env.reset(seed=seed)

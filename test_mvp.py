@@ -486,12 +486,12 @@ def test_env_names():
     assert mvp.resolve_env_name("cube-double") == "cube-double-play-singletask-v0"
     assert mvp.resolve_env_name("cube-triple-task4") == "cube-triple-play-singletask-task4-v0"
     assert mvp.resolve_env_name(ENV) == ENV
-    assert mvp.dataset_name_of(ENV) == "cube-double-play-v0"
+    assert prepare_ogbench.dataset_name(ENV) == "cube-double-play-v0"
     assert mvp.resolve_env_name("cube-single") == "cube-single-play-singletask-v0"
     for k in range(1, 6):
         full = f"cube-single-play-singletask-task{k}-v0"
         assert mvp.resolve_env_name(f"cube-single-task{k}") == full and mvp.resolve_env_name(full) == full
-        assert mvp.dataset_name_of(full) == "cube-single-play-v0"
+        assert prepare_ogbench.dataset_name(full) == "cube-single-play-v0"
     assert prepare_ogbench.PUBLIC_EPISODES["cube-single-play-v0"] == 1000  # OGBench's data_gen_scripts/commands.sh
     with pytest.raises(ValueError, match=r"cube-single-task5.*cube-triple-task4.*cube-\{single,double,triple\}"):
         mvp.resolve_env_name("cube-quadruple")
@@ -508,9 +508,10 @@ def data_dir(tmp_path_factory):
 
 
 def test_generated_files_load_through_ogbench_with_single_task_rewards(data_dir):
-    env, train, val = mvp.load_ogbench(ENV, data_dir)
+    train = prepare_ogbench.load_dataset(ENV, data_dir)
+    _, _, val = prepare_ogbench.import_ogbench().make_env_and_datasets(ENV, dataset_dir=data_dir)
     n = 2 * (prepare_ogbench.EPISODE_STEPS - 1)  # OGBench drops the last state of each episode
-    assert train["observations"].shape == (n, env.observation_space.shape[0])
+    assert train["observations"].shape == (n, prepare_ogbench.make_env(ENV).observation_space.shape[0])
     assert train["actions"].shape == (n, 5) and np.abs(train["actions"]).max() <= 1
     assert len(val["observations"]) == prepare_ogbench.EPISODE_STEPS - 1
     assert train["terminals"].sum() == 2
@@ -524,7 +525,7 @@ def test_generated_files_load_through_ogbench_with_single_task_rewards(data_dir)
 def test_cube_single_files_load_through_ogbench_with_single_task_rewards(tmp_path):
     """cube-single: 2 + 1 generated episodes read by OGBench's own loader; the planner really moves the cube."""
     prepare_ogbench.generate_dataset("cube-single-play-v0", str(tmp_path), num_episodes=2, seed=0, workers=2)
-    env, train, val = mvp.import_ogbench().make_env_and_datasets("cube-single-play-singletask-task1-v0",
+    env, train, val = prepare_ogbench.import_ogbench().make_env_and_datasets("cube-single-play-singletask-task1-v0",
                                                                  dataset_dir=str(tmp_path))
     n = 2 * (prepare_ogbench.EPISODE_STEPS - 1)
     assert env.observation_space.shape == (28,) and train["observations"].shape == (n, 28)  # one cube: 28 dims
@@ -699,7 +700,7 @@ def test_evaluate_reports_n1_alone_q0_discounted_return_and_contact():
 def test_an_ogbench_reset_is_a_function_of_its_seed():
     """OGBench's task reset leaves controls and the solver's warm start from unseeded random steps;
     make_env's reset clears them, so every MuJoCo input of the next step depends on the seed alone."""
-    env = mvp.make_env(mvp.resolve_env_name("cube-single-task1"))
+    env = prepare_ogbench.make_env(mvp.resolve_env_name("cube-single-task1"))
     data = env.unwrapped.data
     inputs = ("qpos", "qvel", "act", "ctrl", "qacc_warmstart", "mocap_pos", "mocap_quat", "xfrc_applied",
               "qfrc_applied")
@@ -720,7 +721,7 @@ def test_evaluation_in_worker_processes_matches_episodes_run_here(monkeypatch):
     torch.manual_seed(0)
     cpu, args = torch.device("cpu"), mvp.Args(env="cube-single-task1", hidden_dim=16, num_layers=1)
     env_name = mvp.resolve_env_name(args.env)
-    env = mvp.make_env(env_name)
+    env = prepare_ogbench.make_env(env_name)
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, cpu)
     task = dict(env_name=env_name, env_args="null", obs_dim=obs_dim, action_dim=action_dim)
@@ -1351,8 +1352,8 @@ def test_unwritable_run_dir_and_full_disk_are_reported_before_training(tmp_path,
 
 def test_dataset_with_pickled_objects_is_refused(data_dir, tmp_path):
     _copy_dataset(data_dir, tmp_path, lambda arrays: arrays.update(actions=np.array([object()] * 3, dtype=object)))
-    with pytest.raises(mvp.DatasetError, match="cube-double-play-v0.npz"):
-        mvp.load_ogbench(ENV, str(tmp_path))
+    with pytest.raises(mvp.DATA_ERRORS, match="cube-double-play-v0.npz"):
+        prepare_ogbench.load_dataset(ENV, str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1551,7 +1552,7 @@ def lift_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lift_loaded(lift_file):
-    return mvp.load_robomimic("lift", dataset_dir=lift_file)
+    return prepare_robomimic.load_robomimic("lift", dataset_dir=lift_file)
 
 
 def write_synthetic(path, env_name="Lift", demos=None, scripted=None, env_version="1.4.1"):
@@ -1612,13 +1613,13 @@ def test_loader_on_generated_file(lift_loaded, lift_file):
 def test_loader_semantics_on_handmade_file(tmp_path):
     path = str(tmp_path / "lift.hdf5")
     write_synthetic(path)
-    ds, _ = mvp.load_robomimic("lift", dataset_dir=path)
+    ds, _ = prepare_robomimic.load_robomimic("lift", dataset_dir=path)
     # numeric demo order (demo_0, demo_2, demo_10), rows concatenated
     np.testing.assert_array_equal(ds["observations"][:, 0], [0, 1, 2, 3, 200, 201, 202, 1000, 1001])
     np.testing.assert_array_equal(ds["rewards"], [-1, -1, 0, 0, -1, -1, 0, -1, 0])
     np.testing.assert_array_equal(ds["masks"], [1, 1, 0, 0, 1, 1, 0, 1, 0])  # 0 at every success step
     np.testing.assert_array_equal(ds["terminals"], [0, 0, 0, 1, 0, 0, 1, 0, 1])  # demo ends only
-    ds2, _ = mvp.load_robomimic("lift", dataset_dir=path, num_demos=2)
+    ds2, _ = prepare_robomimic.load_robomimic("lift", dataset_dir=path, num_demos=2)
     assert len(ds2["observations"]) == 7
 
 
@@ -1781,14 +1782,14 @@ def test_scripted_file_holds_the_executed_float32_actions_and_no_clock(lift_load
 def test_prepare_robomimic_command(lift_file, tmp_path, monkeypatch, capsys):
     """Errors name the fix (square: the human file's URL and path; offline: the same); a run prints the mvp.py
     command that trains on its file (here a copy of the reference file, reused as it has the same settings)."""
-    root, url = str(tmp_path), mvp.dataset_url("square")
-    human = mvp.default_dataset_path("square", root)
+    root, url = str(tmp_path), prepare_robomimic.dataset_url("square")
+    human = prepare_robomimic.default_dataset_path("square", root)
     for argv, message in ((["cube"], "invalid choice: 'cube'"), (["lift", "--demos", "0"], "--demos must be >= 1"),
                           (["square", "--dataset-dir", root], f"--download (fetches {url} to {human})")):
         with pytest.raises(SystemExit) as e:
             prepare_robomimic.main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
-    with pytest.raises(mvp.DatasetError, match=f"no scripted demonstrator for square.*{url}"):
+    with pytest.raises(mvp.DATA_ERRORS, match=f"no scripted demonstrator for square.*{url}"):
         prepare_robomimic.generate_scripted("square", str(tmp_path / "square.hdf5"), 1)
 
     def offline(url, path, timeout=30.0):
@@ -1807,7 +1808,7 @@ def test_prepare_robomimic_command(lift_file, tmp_path, monkeypatch, capsys):
 def test_generation_never_overwrites_a_human_file(tmp_path):
     path = str(tmp_path / "human.hdf5")
     write_synthetic(path)
-    with pytest.raises(mvp.DatasetError, match="not generated by this project"):
+    with pytest.raises(mvp.DATA_ERRORS, match="not generated by this project"):
         prepare_robomimic.generate_scripted("lift", path, 1, seed=0)
 
 
@@ -1815,19 +1816,21 @@ def test_generation_never_overwrites_a_human_file(tmp_path):
 def test_missing_file_names_the_download_and_the_scripted_alternative(tmp_path, monkeypatch):
     """mvp.py needs no network: a missing robomimic file is an error naming the download command, the URL and the
     path to put it at, and the scripted demos (not the paper's data); the download command names them when offline."""
-    with pytest.raises(mvp.DatasetError) as e:
-        mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
+    with pytest.raises(mvp.DATA_ERRORS) as e:
+        prepare_robomimic.load_robomimic("lift", dataset_dir=str(tmp_path))
     msg, path = str(e.value), str(tmp_path / "lift/mh/low_dim_v141.hdf5")
-    assert mvp.dataset_url("lift") in msg and path in msg and "python prepare_robomimic.py lift --download" in msg
+    assert prepare_robomimic.dataset_url("lift") in msg and path in msg
+    assert "python prepare_robomimic.py lift --download" in msg
     assert "python prepare_robomimic.py lift, then --dataset-dir" in msg and "not the paper's data" in msg
-    assert mvp.dataset_url("square") == ("http://downloads.cs.stanford.edu/downloads/rt_benchmark/"
-                                         "square/mh/low_dim_v141.hdf5")
+    assert prepare_robomimic.dataset_url("square") == ("http://downloads.cs.stanford.edu/downloads/rt_benchmark/"
+                                                       "square/mh/low_dim_v141.hdf5")
 
     def offline(url, path, timeout=30.0):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(prepare_robomimic, "download", offline)
-    with pytest.raises(SystemExit, match=f"downloading {mvp.dataset_url('lift')} failed.*put it at {path}"):
+    lift_url = prepare_robomimic.dataset_url("lift")
+    with pytest.raises(SystemExit, match=f"downloading {lift_url} failed.*put it at {path}"):
         prepare_robomimic.main(["lift", "--download", "--dataset-dir", str(tmp_path)])
 
 
@@ -1835,8 +1838,8 @@ def test_corrupt_file_says_delete_and_regenerate(tmp_path):
     path = tmp_path / "lift/mh/low_dim_v141.hdf5"
     path.parent.mkdir(parents=True)
     path.write_bytes(b"this is not an HDF5 file" * 10)
-    with pytest.raises(mvp.DatasetError) as e:
-        mvp.load_robomimic("lift", dataset_dir=str(tmp_path))
+    with pytest.raises(mvp.DATA_ERRORS) as e:
+        prepare_robomimic.load_robomimic("lift", dataset_dir=str(tmp_path))
     msg = str(e.value)
     assert str(path) in msg and "python prepare_robomimic.py lift" in msg and "re-download" in msg
 
@@ -1845,8 +1848,8 @@ def test_file_of_another_task_is_named(tmp_path, lift_file):
     path = tmp_path / "can/mh/low_dim_v141.hdf5"
     path.parent.mkdir(parents=True)
     shutil.copy(lift_file, path)
-    with pytest.raises(mvp.DatasetError) as e:
-        mvp.load_robomimic("can", dataset_dir=str(tmp_path))
+    with pytest.raises(mvp.DATA_ERRORS) as e:
+        prepare_robomimic.load_robomimic("can", dataset_dir=str(tmp_path))
     msg = str(e.value)
     assert str(path) in msg and "'Lift'" in msg and "task 'lift'" in msg and "PickPlaceCan" in msg
 
@@ -1857,15 +1860,16 @@ def test_import_does_not_load_robosuite():
 
 
 def test_task_table():
-    assert {t: s["max_episode_steps"] for t, s in mvp.ROBOMIMIC_TASKS.items()} == dict(lift=300, can=300, square=400)
-    assert mvp.ROBOMIMIC_TASKS["square"]["env_name"] == "NutAssemblySquare"
+    caps = {t: s["max_episode_steps"] for t, s in prepare_robomimic.ROBOMIMIC_TASKS.items()}
+    assert caps == dict(lift=300, can=300, square=400)
+    assert prepare_robomimic.ROBOMIMIC_TASKS["square"]["env_name"] == "NutAssemblySquare"
 
 
 def test_can_scripted_file_and_env(tmp_path):
     """Can is scripted too: one demo, loaded, and replayed step for step to success in the env from its metadata."""
     path = str(tmp_path / "can.hdf5")
     prepare_robomimic.generate_scripted("can", path, 1, seed=0)
-    ds, make_env = mvp.load_robomimic("can", dataset_dir=path)
+    ds, make_env = prepare_robomimic.load_robomimic("can", dataset_dir=path)
     assert ds["observations"].shape[1] == 3 + 4 + 2 + 14 and ds["terminals"][-1] == 1
     env, reward, terminated, info = replay_first_demo(ds, make_env)
     assert env.env_name == "PickPlaceCan" and env.max_episode_steps == 300
@@ -1873,9 +1877,9 @@ def test_can_scripted_file_and_env(tmp_path):
 
 
 def test_square_has_no_demonstrator(tmp_path, monkeypatch):
-    with pytest.raises(mvp.DatasetError, match="no scripted demonstrator for square"):
-        mvp.load_robomimic("square", dataset_dir=str(tmp_path))
-    with pytest.raises(mvp.DatasetError, match="no scripted demonstrator"):
+    with pytest.raises(mvp.DATA_ERRORS, match="no scripted demonstrator for square"):
+        prepare_robomimic.load_robomimic("square", dataset_dir=str(tmp_path))
+    with pytest.raises(mvp.DATA_ERRORS, match="no scripted demonstrator"):
         prepare_robomimic.generate_scripted("square", str(tmp_path / "sq.hdf5"), 1, seed=0)
     proc = run_cli("--env", "lift", "--generate-data", "--dataset-dir", str(tmp_path), "--run-dir",
                    str(tmp_path / "runs" / "lift"), check=False)
@@ -1900,8 +1904,8 @@ def test_download_is_atomic_and_checks_the_format(tmp_path, lift_file):
 def test_file_of_another_robosuite_version_is_refused(tmp_path):
     path = str(tmp_path / "lift_v15.hdf5")
     write_synthetic(path, env_version="1.5.1")
-    with pytest.raises(mvp.DatasetError, match="recorded with robosuite 1.5.1.*low_dim_v141"):
-        mvp.load_robomimic("lift", dataset_dir=path)
+    with pytest.raises(mvp.DATA_ERRORS, match="recorded with robosuite 1.5.1.*low_dim_v141"):
+        prepare_robomimic.load_robomimic("lift", dataset_dir=path)
 
 
 def test_end_to_end_lift_on_scripted_demos(tmp_path):
