@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -444,6 +445,21 @@ def run_logged(run_dir: str, cmd: list[str]) -> int:
 
 
 INTERRUPTED = (130, 143)  # mvp.py saved after Ctrl-C or SIGTERM (e.g. Slurm's time limit)
+DIED = -1  # the exit code reported for a submitit job that died before mvp.py could exit
+
+
+def job_result(job, run_dir: str) -> int:
+    """mvp.py's exit code from a submitit job; a job that died (killed, out of memory, node failure, or
+    the job itself failed) is reported in one line with where its logs are, not raised as a traceback."""
+    try:
+        return job.result()
+    except Exception as e:  # submitit's UncompletedJobError or FailedJobError
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Interrupt|Exit)\b", line)]
+        reason = (raised[-1] if raised else " ".join(lines[:2]))[:300]  # the job's own exception, else submitit's words
+        print(f"[suite] job {job.job_id} died ({type(e).__name__}: {reason}): {run_dir}; submitit's logs are in "
+              f"{job.paths.folder}; the same suite command runs it again, from its last checkpoint if it wrote one")
+        return DIED
 
 
 def launch(opts, todo):
@@ -454,7 +470,7 @@ def launch(opts, todo):
                              gpus_per_node=opts.gpus, cpus_per_task=opts.cpus, slurm_array_parallelism=opts.workers)
         jobs = [ex.submit(run_logged, d, c) for d, c in todo]
         print(f"[suite] submitted {len(jobs)} job(s) to slurm: {', '.join(j.job_id for j in jobs)}")
-        codes = [j.result() for j in jobs]
+        codes = [job_result(j, d) for j, (d, _) in zip(jobs, todo)]
     else:  # this machine, --workers runs at a time: plain processes, or submitit's local executor (SLURM's code path)
         from concurrent.futures import ThreadPoolExecutor
         run = lambda dc: run_logged(*dc)
@@ -462,14 +478,15 @@ def launch(opts, todo):
             import submitit
             ex = submitit.LocalExecutor(folder=os.path.join(opts.out_dir, "submitit"))
             ex.update_parameters(timeout_min=opts.timeout_min)
-            run = lambda dc: ex.submit(run_logged, *dc).result()
+            run = lambda dc: job_result(ex.submit(run_logged, *dc), dc[0])
         with ThreadPoolExecutor(opts.workers) as pool:
             codes = list(pool.map(run, todo))
     for (d, _), code in zip(todo, codes):
         if code in INTERRUPTED:
             print(f"[suite] interrupted and saved ({code}): {d}; the same suite command resumes it")
-        elif code != 0:
+        elif code not in (0, DIED):
             print(f"[suite] FAILED ({code}): {d}, see {os.path.join(d, 'stdout.log')}")
+
     return codes
 
 
@@ -588,8 +605,9 @@ def suite(opts):
         print(f"[suite] no results yet: no run in {opts.out_dir} has logged an evaluation{at}; wrote nothing")
     failed = [(d, code) for (d, _), code in zip(todo, codes) if code != 0]
     if failed:  # after the report, so that the finished runs are tabled all the same
-        lines = [f"  {d}: {'interrupted, resumable' if code in INTERRUPTED else 'failed'} (exit {code}), "
-                 f"log {os.path.join(d, 'stdout.log')}" for d, code in failed]
+        what = {**dict.fromkeys(INTERRUPTED, "interrupted, resumable"), DIED: "its job died"}
+        lines = [f"  {d}: {what.get(code, 'failed')} (exit {code}), log {os.path.join(d, 'stdout.log')}"
+                 for d, code in failed]
         raise SystemExit(f"[suite] {len(failed)} of {len(todo)} run(s) did not finish:\n" + "\n".join(lines))
     return table
 

@@ -1054,6 +1054,20 @@ def test_suite_tells_interrupted_runs_from_failed_ones(tmp_path, capsys):
     assert f"FAILED (1): {tmp_path / 'b'}" in out and "FAILED (143)" not in out
 
 
+def test_a_dead_submitit_job_is_one_line_not_a_traceback(tmp_path, capsys):
+    """A submitit job that dies (here: its run directory cannot be made) is reported in one line naming the
+    run and submitit's logs; the next run still goes, and the suite's summary tells it from a failed run."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    todo = [(str(path), [sys.executable, "-c", "pass"]) for path in (blocker / "run", tmp_path / "ok")]
+    opts = SimpleNamespace(launcher="submitit-local", workers=1, out_dir=str(tmp_path / "suite"), timeout_min=5)
+    assert run_benchmarks.launch(opts, todo) == [run_benchmarks.DIED, 0]
+    out = capsys.readouterr().out
+    assert "died (FailedJobError: NotADirectoryError: " in out  # the job's own exception, in one line
+    assert f"): {blocker / 'run'}; submitit's logs are in {tmp_path}" in out
+    assert "Traceback" not in out and "FAILED" not in out
+
+
 def test_speed_writes_table_with_ratios(tmp_path):
     out = run_benchmarks.main(["speed", "--hidden-dim", "16", "--num-layers", "1", "--batch-size", "8",
                                "--num-candidates", "4", "--repeats", "1", "--seconds", "0.1",
