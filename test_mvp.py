@@ -855,6 +855,10 @@ def test_eval_only_takes_n_and_refuses_another_env_network_or_a_corrupt_checkpoi
 def test_importing_mvp_needs_no_simulator():
     code = "import sys, mvp; assert 'ogbench' not in sys.modules and 'mujoco' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+    # mvp.py imports each suite's file; they never import it back (no cycle)
+    code = "import sys, prepare_ogbench, prepare_robomimic; assert 'mvp' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
+
 
 
 # ---------------------------------------------------------------------------------------------
