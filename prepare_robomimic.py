@@ -197,8 +197,8 @@ def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
 
 
 def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
-    """(dataset, make_env) for 'lift', 'can' or 'square', as load_task returns them. The file: dataset_dir itself
-    if it is an .hdf5 file (the scripted ones of prepare_robomimic.py, say), else <dataset_dir or ~/.robomimic>/
+    """(dataset, make_env) for 'lift', 'can' or 'square', as mvp.py's load_task uses them. The file: dataset_dir
+    itself if it is an .hdf5 file (the scripted ones made below, say), else <dataset_dir or ~/.robomimic>/
     <task>/mh/low_dim_v141.hdf5; a missing file's error names its download and the scripted alternative.
     make_env() builds a NEW env from the file's own env_args, and carries .dataset_path, .scripted, .env_args."""
     direct = dataset_dir is not None and str(dataset_dir).endswith((".hdf5", ".h5"))
