@@ -36,14 +36,11 @@ Paper symbol -> code name
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -58,8 +55,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import prepare_ogbench  # OGBench's tasks, data and envs (these two files never import this one)
+import prepare_ogbench  # OGBench's tasks, data and envs (these three files never import this one)
 import prepare_robomimic  # robomimic's
+from run_utils import (KEEP_CHECKPOINTS, CUDAGraphed, append_csv, check_disk_space, check_run_dir, cpu_has_bfloat16,
+                       load_checkpoint, map_in_processes, newest_checkpoint, rng_states, save_checkpoint,
+                       seed_everything, set_rng_states, set_stop_handlers, truncate_csv)  # plumbing with nothing of MVP
 
 
 # ================================================================================================
@@ -575,7 +575,7 @@ def best_of_n_target(learner, batch, args, generator):
 def make_train_step(learner: Learner, buffer, imitation: Callable, args: Args, generator) -> Callable[[], dict]:
     """A training step as a function of nothing: sample chunks from the replay buffer, pick what the
     policy imitates (buffer_target or best_of_n_target), update. Its inputs all live on the device,
-    so with CUDA it is recorded once and replayed as one graph (CUDAGraphed, in the plumbing)."""
+    so with CUDA it is recorded once and replayed as one graph (CUDAGraphed, in run_utils.py)."""
     def step():
         batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, generator)
         a1, valid_a1 = imitation(learner, batch, args, generator)
@@ -648,8 +648,9 @@ def train(args: Args, resume: dict | None = None) -> dict:
 
 # ================================================================================================
 # =====================================  PLUMBING  ===============================================
-# Tasks, CUDA graphs, evaluation, logs, checkpoints, resume: safe to skip. Nothing below changes the
-# algorithm; each benchmark suite's details live in prepare_ogbench.py and prepare_robomimic.py.
+# Tasks, evaluation, a training run's logs, checkpoints and resume: safe to skip. Nothing below
+# changes the algorithm. Each benchmark suite's details live in prepare_ogbench.py and
+# prepare_robomimic.py; what knows nothing of MVP (CUDA graphs, checkpoint files, signals) in run_utils.py.
 # ================================================================================================
 def in_range(x: float, spec: str) -> bool:
     """x in an interval written "[lo, hi)", "(0, 1]", ... (the ranges of Args)."""
@@ -693,39 +694,10 @@ def load_task(env_name: str, args: Args):
 
 def env_from_checkpoint(ckpt: dict):
     """The evaluation env of a saved policy: OGBench by name, robomimic from the env_args it was trained in."""
-    if ckpt["env_name"] in prepare_robomimic.ROBOMIMIC_TASKS:
-        return prepare_robomimic.RobomimicEnv(json.loads(ckpt["env_args"]),
-                                              prepare_robomimic.ROBOMIMIC_TASKS[ckpt["env_name"]]["max_episode_steps"],
-                                              source=f"checkpoint of {ckpt['env_name']}")
-    return prepare_ogbench.make_env(ckpt["env_name"])
-
-
-# ---- CUDA graphs: record a step once, replay it as one launch -----------------------------------
-class CUDAGraphed:
-    """Runs fn() eagerly `warmup` times on a side stream, then records one call and replays it: an eager MVP
-    update is about 380 kernel launches (one H100: 12.9 ms wall, 2.9 ms GPU), a replay one. fn must keep its
-    tensors' addresses, never sync (.item(), data-dependent shapes) and draw only from `generator`."""
-
-    def __init__(self, fn: Callable, generator: torch.Generator, warmup: int = 3):
-        self.fn, self.generator, self.warmup = fn, generator, warmup
-        self.graph, self.out = None, None
-
-    def __call__(self):
-        if self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn()
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:  # record (nothing runs yet), then the replay below does this call's work
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.register_generator_state(self.generator)
-            with torch.cuda.graph(self.graph):
-                self.out = self.fn()
-        self.graph.replay()
-        return self.out
+    if (name := ckpt["env_name"]) in prepare_robomimic.ROBOMIMIC_TASKS:
+        return prepare_robomimic.RobomimicEnv(json.loads(ckpt["env_args"]), source=f"checkpoint of {name}",
+                                              max_episode_steps=prepare_robomimic.ROBOMIMIC_TASKS[name]["max_episode_steps"])
+    return prepare_ogbench.make_env(name)
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -784,7 +756,8 @@ def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_le
     if workers := eval_processes(workers, device):
         nets = {k: {n: v.detach().cpu() for n, v in getattr(learner, k).state_dict().items()}
                 for k in ("policy", "critic")}
-        eps = _episodes_in_workers(jobs, workers, (task, dataclasses.asdict(args), nets), desc)
+        eps = map_in_processes(_eval_episode, jobs, workers, _init_eval_worker,
+                               (task, dataclasses.asdict(args), nets), desc)
     else:
         eps = [run_episode(learner, env, s, n, h, g, device, learner.eval_generator.manual_seed(s))
                for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False,
@@ -816,57 +789,7 @@ def _eval_episode(job) -> dict:
                        learner.eval_generator.manual_seed(seed))
 
 
-def _episodes_in_workers(jobs: list, workers: int, worker_init: tuple, desc: str) -> list:
-    """_eval_episode over jobs in spawned processes that ignore Ctrl-C and SIGTERM (sent to the whole process
-    group): the training process saves after the evaluation; a second signal drops the episodes not started."""
-
-    from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing as mp
-    from tqdm import tqdm
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
-                             initializer=_init_eval_worker, initargs=worker_init) as pool:
-        previous = set_stop_handlers(signal.SIG_IGN)  # inherited by the processes map() starts
-        try:
-            results = pool.map(_eval_episode, jobs)
-        finally:
-            set_stop_handlers(previous)
-        try:
-            return list(tqdm(results, total=len(jobs), desc=f"{desc} ({workers} processes)", leave=False,
-                             dynamic_ncols=True))
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-# ---- logs, checkpoints, signals ------------------------------------------------------------------
-def append_csv(path: str, row: dict):
-    """One row, with a header if the file is new; written through at once, so a killed run keeps its logs."""
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if f.tell() == 0:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def truncate_csv(path: str, keep: Callable):
-    """Drop the rows a killed run wrote after its checkpoint, so a resumed run's logs have no duplicates."""
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if keep(r)]
-        with open(path + ".tmp", "w", newline="") as f:
-            if rows:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(path + ".tmp", path)
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-CHECKPOINT_FORMAT = 2  # 1: before the final checkpoint.pt and the resume ones shared one format
-KEEP_CHECKPOINTS = 2  # the newest two, so a checkpoint cut short by a kill always has a good predecessor
+# ---- what a checkpoint holds (its file handling is run_utils.py's) ----------------------------------
 NETWORK_FLAGS = {"policy", "flow_steps", "hidden_dim", "num_layers", "num_critics", "chunk_len"}
 # where and how the same computation runs: a resumed run may change them (--eval-only takes today's)
 HOW_FLAGS = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype",
@@ -878,41 +801,7 @@ def checkpoint_state(learner: Learner, args: Args, task: dict, **run) -> dict:
     """Networks, target, optimizers, args and task as plain values (loadable with weights_only=True), plus
     what a run needs to resume exactly (positions, logs, RNG states, the online rows of the buffer)."""
     nets = {k: getattr(learner, k).state_dict() for k in LEARNER_STATE}
-    return dict(format=CHECKPOINT_FORMAT, args=dataclasses.asdict(args), **task, **nets, **run)
-
-
-def save_checkpoint(path: str, state: dict, keep: int = 0):
-    """Atomic write (temporary file, fsync, rename); keep > 0 then deletes all but the newest `keep` siblings."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    for old in sorted(glob.glob(os.path.join(os.path.dirname(path), "resume-*.pt")))[:-keep] if keep else []:
-        os.remove(old)
-
-
-def load_checkpoint(path: str) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # cannot run code, unlike pickle
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"not a checkpoint of this version of mvp.py (format {CHECKPOINT_FORMAT})")
-    return state
-
-
-def newest_checkpoint(run_dir: str) -> tuple[str, dict]:
-    """The newest readable checkpoint of a run; a truncated or corrupt one is reported and skipped."""
-    folder = os.path.join(run_dir, "checkpoints")
-    paths = sorted(glob.glob(os.path.join(folder, "resume-*.pt")), reverse=True)
-    for path in paths:
-        try:
-            return path, load_checkpoint(path)
-        except Exception as e:
-            print(f"[mvp] checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}); "
-                  f"falling back to the previous one", flush=True)
-    raise SystemExit(f"error: every checkpoint in {folder} is truncated or corrupt" if paths else
-                     f"error: no checkpoint in {folder}: nothing to resume (checkpoints are written every "
-                     f"--save-interval steps or --save-minutes, and on Ctrl-C or SIGTERM)")
+    return dict(args=dataclasses.asdict(args), **task, **nets, **run)
 
 
 def load_learner(learner: Learner, state: dict):
@@ -920,83 +809,6 @@ def load_learner(learner: Learner, state: dict):
         getattr(learner, k).load_state_dict(state[k])
     for group in learner.policy_opt.param_groups + learner.critic_opt.param_groups:
         group["capturable"] = learner.cuda_graph  # load_state_dict restores the saved run's setting
-
-
-def rng_states(gen: torch.Generator, device) -> dict:
-    """Every random stream the run draws from, as tensors and plain values (weights_only-loadable)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return dict(torch=torch.get_rng_state(), gen=gen.get_state(),
-                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                numpy=[name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-                python=[version, list(internal), gauss])
-
-
-def set_rng_states(state: dict, gen: torch.Generator, device):
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_everything(seed: int, device) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def check_run_dir(run_dir: str, fresh: bool):
-    """Fail before training, not hours later, if the run directory cannot be written. A fresh run never writes
-    over another run's checkpoints; logs left by one that died before its first checkpoint go."""
-    if fresh and os.path.exists(os.path.join(run_dir, "summary.json")):
-        raise SystemExit(f"error: the run directory {run_dir} already holds a finished run; pass another --run-dir")
-    if fresh and glob.glob(os.path.join(run_dir, "checkpoints", "resume-*.pt")):
-        raise SystemExit(f"error: the run directory {run_dir} already holds a resumable run; continue it with "
-                         f"`python mvp.py --resume {run_dir}`, or pass another --run-dir")
-    if fresh and glob.glob(os.path.join(run_dir, "*.csv")):
-        print(f"[mvp] {run_dir} has the logs of a run that left no checkpoint: starting it over", flush=True)
-        for path in glob.glob(os.path.join(run_dir, "*.csv")):
-            os.remove(path)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, ".write_test"), "w") as f:
-            f.write("ok")
-        os.remove(os.path.join(run_dir, ".write_test"))
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to the run directory {run_dir} ({e.strerror or e}); "
-                         f"pass a writable --run-dir")
-
-
-def check_disk_space(run_dir: str, learner: Learner, online_steps: int, obs_dim: int, action_dim: int):
-    """Refuse to start if the disk cannot hold the checkpoints (networks, Adam moments, online buffer rows)."""
-    n_train = sum(p.numel() for m in (learner.policy, learner.critic) for p in m.parameters())
-    n_target = sum(p.numel() for p in learner.target_critic.parameters())
-    one = 4 * (3 * n_train + n_target) + 4 * online_steps * (2 * obs_dim + action_dim + 3)
-    need, free = (KEEP_CHECKPOINTS + 2) * one, shutil.disk_usage(run_dir).free  # kept, being written, final
-    if free < need:
-        raise SystemExit(f"error: {run_dir} has {free / 1e9:.2f} GB free, but this run's checkpoints need about "
-                         f"{need / 1e9:.2f} GB. Free some space or pass another --run-dir.")
-
-
-def cpu_has_bfloat16() -> bool:
-    """Native bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16); without it torch emulates bfloat16."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return bool(re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", f.read()))
-    except OSError:
-        return False
-
-
-def set_stop_handlers(handler) -> dict:
-    """Sets the SIGINT and SIGTERM handler (one for both, or the dict a previous call returned); returns the
-    previous ones."""
-    return {s: signal.signal(s, handler[s] if isinstance(handler, dict) else handler)
-            for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 # ---- a training run: what train() delegates --------------------------------------------------------
@@ -1012,11 +824,7 @@ class Run:
                              "on this one it runs emulated, about 25x slower than float32. Use --select-dtype float32")
         env_name = resolve_env_name(args.env)
         self.dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
-        created = os.path.abspath(self.dir)  # the outermost folder this run creates (runs/ too, the first time)
-        while not os.path.exists(os.path.dirname(created)):
-            created = os.path.dirname(created)
-        created = None if os.path.exists(created) else created
-        check_run_dir(self.dir, fresh=resume is None)
+        created = check_run_dir(self.dir, fresh=resume is None)  # the folder it made, runs/ too the first time
         print(f"[mvp] {env_name} on {self.device}, run dir {self.dir}")
         self.gen = seed_everything(args.seed, self.device)
         try:
@@ -1044,7 +852,10 @@ class Run:
                   "cube-single-task1 --hidden-dim 256 --num-layers 2 --dataset-episodes 150 --offline-steps 15000 "
                   "--online-steps 15000 --eval-interval 5000 --threads 1")
         self.buffer, self.dataset_rows = ReplayBuffer(dataset, n + args.online_steps, self.device), n
-        check_disk_space(self.dir, self.learner, args.online_steps, obs_dim, action_dim)
+        # a checkpoint in float32: policy and critic with Adam's two moments, the target critic, the online rows
+        nets = [3 * p.numel() for m in (self.learner.policy, self.learner.critic) for p in m.parameters()]
+        nets += [p.numel() for p in self.learner.target_critic.parameters()]
+        check_disk_space(self.dir, 4 * (sum(nets) + args.online_steps * (2 * obs_dim + action_dim + 3)))
         self.pos = dict(offline=0, online=0, episodes=0, last_ep=dict(episode=0, episode_return=float("nan"),
                                                                        episode_length=0, episode_success=float("nan")))
         self.evals, self.rates, self.signal, self.failure = [], {}, 0, None
@@ -1115,8 +926,9 @@ class Run:
     def log(self, step: int, info: dict):
         if self.first_bad.item() >= 0:  # sync point, only at log time
             terms = ", ".join(f"{k}={float(info[k]):.4g}" for k in ("critic_loss", "mf_loss", "ivc_loss"))
-            raise NonFiniteLoss(f"non-finite loss in the {self.name} phase, first at update {self.first_bad.item()} "
-                                f"(latest: {terms}). Try a lower --lr, or check the dataset for NaN/inf values.")
+            raise SystemExit(f"error: non-finite loss in the {self.name} phase, first at update "
+                             f"{self.first_bad.item()} (latest: {terms}). Try a lower --lr, or check the dataset for "
+                             f"NaN/inf values.")
         seconds, row = time.time() - self.tick, {k: round(float(v), 6) for k, v in info.items()}  # .item() here only
         row["updates_per_s"] = round(self.updates / seconds, 2)
         if self.name == "online":
@@ -1270,7 +1082,7 @@ def main(argv=None):
         if args.eval_only:
             return eval_only(args)
         return train(*resume_args(args)) if args.resume else train(args)
-    except (*DATA_ERRORS, NonFiniteLoss) as e:
+    except DATA_ERRORS as e:
         raise SystemExit(f"error: {e}")
     except RuntimeError as e:  # out of memory: torch.OutOfMemoryError on CUDA, the allocator's RuntimeError on CPU
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):

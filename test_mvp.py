@@ -27,6 +27,7 @@ import mvp
 import prepare_ogbench
 import prepare_robomimic
 import run_benchmarks
+import run_utils
 import toy_2d
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -855,8 +856,8 @@ def test_eval_only_takes_n_and_refuses_another_env_network_or_a_corrupt_checkpoi
 def test_importing_mvp_needs_no_simulator():
     code = "import sys, mvp; assert 'ogbench' not in sys.modules and 'mujoco' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
-    # mvp.py imports each suite's file; they never import it back (no cycle)
-    code = "import sys, prepare_ogbench, prepare_robomimic; assert 'mvp' not in sys.modules"
+    # mvp.py imports each suite's file and run_utils.py; they never import it back (no cycle)
+    code = "import sys, prepare_ogbench, prepare_robomimic, run_utils; assert 'mvp' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=HERE)
 
 
@@ -1248,7 +1249,7 @@ def test_corrupt_or_unsafe_checkpoint_falls_back_to_the_previous_good_one(uninte
     path, state = mvp.newest_checkpoint(str(run))
     assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out
     # an arbitrary pickled object
-    torch.save({"format": mvp.CHECKPOINT_FORMAT, "payload": QuadraticCritic(torch.zeros(1))}, paths[1])
+    torch.save({"format": run_utils.CHECKPOINT_FORMAT, "payload": QuadraticCritic(torch.zeros(1))}, paths[1])
     path, _ = mvp.newest_checkpoint(str(run))
     assert path == str(paths[0]) and "truncated or corrupt" in capsys.readouterr().out  # weights_only refused it
     for p in paths:
@@ -1356,16 +1357,22 @@ def test_a_fresh_run_never_writes_over_another_run(uninterrupted, tmp_path, caps
     assert not (dead / "eval.csv").exists() and "starting it over" in capsys.readouterr().out
 
 
-def test_unwritable_run_dir_and_full_disk_are_reported_before_training(tmp_path, monkeypatch):
+def test_unwritable_run_dir_and_full_disk_are_reported_before_training(data_dir, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     proc = run_cli(*TINY, "--run-dir", str(blocker / "run"), "--offline-steps", "5", check=False)
     assert proc.returncode == 1 and "cannot write to the run directory" in proc.stderr
     assert "Traceback" not in proc.stderr
-    learner = mvp.make_learner(37, 25, mvp.Args(), torch.device("cpu"))
-    monkeypatch.setattr(mvp.shutil, "disk_usage", lambda p: type("U", (), dict(free=10**6))())
-    with pytest.raises(SystemExit, match="GB free, but this run's checkpoints need about"):
-        mvp.check_disk_space(str(tmp_path), learner, 1_000_000, 37, 5)
+    # the paper's settings: 4 checkpoints (the kept two, one being written, the final) of 0.36 GB each, float32:
+    # 10^6 online rows of 2 * 37 + 5 + 3 numbers, and the networks with Adam's two moments
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), dict(free=10**9))())
+    with pytest.raises(SystemExit, match=r"1.00 GB free, but this run's checkpoints need about 1.46 GB"):
+        mvp.Run(mvp.parse_args(["--env", "cube-double-task1", "--dataset-dir", data_dir, "--device", "cpu",
+                                "--run-dir", str(tmp_path / "full")]), resume=None)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), dict(free=10**10))())
+    run = mvp.Run(mvp.parse_args([*TINY, "--dataset-dir", data_dir, "--device", "cpu", "--run-dir",
+                                  str(tmp_path / "ok")]), resume=None)  # small networks fit
+    mvp.set_stop_handlers(run.previous_handlers)
 
 
 def test_dataset_with_pickled_objects_is_refused(data_dir, tmp_path):
