@@ -694,9 +694,9 @@ def load_task(env_name: str, args: Args):
 
 def env_from_checkpoint(ckpt: dict):
     """The evaluation env of a saved policy: OGBench by name, robomimic from the env_args it was trained in."""
-    if (name := ckpt["env_name"]) in prepare_robomimic.ROBOMIMIC_TASKS:
-        return prepare_robomimic.RobomimicEnv(json.loads(ckpt["env_args"]), source=f"checkpoint of {name}",
-                                              max_episode_steps=prepare_robomimic.ROBOMIMIC_TASKS[name]["max_episode_steps"])
+    if task := prepare_robomimic.ROBOMIMIC_TASKS.get(name := ckpt["env_name"]):
+        return prepare_robomimic.RobomimicEnv(json.loads(ckpt["env_args"]), task["max_episode_steps"],
+                                              source=f"checkpoint of {name}")
     return prepare_ogbench.make_env(name)
 
 
