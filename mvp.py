@@ -58,8 +58,9 @@ import torch.nn.functional as F
 import prepare_ogbench  # OGBench's tasks, data and envs (these three files never import this one)
 import prepare_robomimic  # robomimic's
 from run_utils import (KEEP_CHECKPOINTS, CUDAGraphed, append_csv, check_disk_space, check_run_dir, cpu_has_bfloat16,
-                       load_checkpoint, map_in_processes, newest_checkpoint, rng_states, save_checkpoint,
-                       seed_everything, set_rng_states, set_stop_handlers, truncate_csv)  # plumbing with nothing of MVP
+                       load_checkpoint, map_in_processes, new_run_dir, newest_checkpoint, rng_states,
+                       save_checkpoint, seed_everything, set_rng_states, set_stop_handlers,
+                       truncate_csv)  # plumbing with nothing of MVP
 
 
 # ================================================================================================
@@ -74,7 +75,7 @@ def arg(default, help: str, choices=None, range: str | None = None):
 class Args:
     env: str = arg("cube-double", "OGBench task, full name or alias (cube-single, cube-double = task 2, "
                    "cube-triple-task4, ...), or robomimic lift | can | square")
-    seed: int = arg(0, "seed for networks, sampling and environments")
+    seed: int = arg(0, "seed for networks, sampling and environments (--eval-only: the run's, unless given)")
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     threads: int = arg(0, "CPU threads for torch (0: torch's default); 1 on a busy shared machine", range="[0, inf)")
     cuda_graph: str = arg("auto", "replay updates and acting as CUDA graphs (auto: with CUDA)", ("auto", "on", "off"))
@@ -83,7 +84,8 @@ class Args:
     # protocol [QC]
     offline_steps: int = arg(1_000_000, "offline gradient steps on the dataset", range="[0, inf)")
     online_steps: int = arg(1_000_000, "online environment steps (1 update per step)", range="[0, inf)")
-    start_training: int = arg(5_000, "online updates begin after this many env steps", range="[0, inf)")
+    start_training: int = arg(5_000, "online updates begin at this env step [QC: i >= start_training]",
+                              range="[0, inf)")
     batch_size: int = arg(256, "minibatch size", range="[1, inf)")
     lr: float = arg(3e-4, "Adam learning rate, actor and critic", range="(0, inf)")
     hidden_dim: int = arg(512, "width of actor and critic MLPs", range="[1, inf)")
@@ -257,7 +259,7 @@ class CriticEnsemble(nn.Module):
             x = F.gelu(layer(x))  # Dense -> GELU -> LayerNorm, as Flow Q-Learning's MLP
             # per-member affine (K, 1, hidden), fused into one kernel: separate mul and add cost the
             # critic about a fifth of its forward time on the 8192 best-of-N rows (CPU profile)
-            x = torch.addcmul(shift, F.layer_norm(x, x.shape[-1:]), scale)
+            x = torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), scale)  # Flax's epsilon [QC]
         return self.head(x).squeeze(-1)  # (K, B)
 
 
@@ -428,6 +430,9 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 # ================================================================================================
 # Replay buffer: Q-chunking's chunk sampler is part of the RL target (n-step rewards, masks, s_{k+h})
 # ================================================================================================
+ACTION_CLIP = 1e-5  # [QC] dataset actions are clipped to +-(1 - ACTION_CLIP) as they are loaded
+
+
 class ReplayBuffer:
     """Flat transitions in one preallocated device tensor; offline data first, online steps appended.
 
@@ -629,7 +634,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         if terminated or truncated:
             run.episode_end(ep_return, ep_len, float(info.get("success", 0.0)))
             obs, queue, ep_return, ep_len = None, [], 0.0, 0
-        if step > args.start_training:
+        if step >= args.start_training:  # [QC] the first update comes at env step start_training
             info = train_step()
             run.watch(step, info)
             if due(step, args.log_interval, args.online_steps):
@@ -677,7 +682,8 @@ def load_task(env_name: str, args: Args):
     """(dataset, make_env, source file) of a resolved task name: the one place that knows a task's suite.
 
     dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations. make_env(): a
-    new gymnasium-style env whose info["success"] reports success; .env_args (robomimic) for --eval-only."""
+    new gymnasium-style env whose info["success"] reports success; .env_args (robomimic) for --eval-only. The
+    first call of an OGBench make_env returns the env that relabelled the dataset (each build costs seconds)."""
     if env_name in prepare_robomimic.ROBOMIMIC_TASKS:
         if args.generate_data:
             raise prepare_robomimic.DataError(
@@ -687,9 +693,10 @@ def load_task(env_name: str, args: Args):
         return dataset, new_env, new_env.dataset_path
     data_dir = prepare_ogbench.find_dataset(env_name, args.dataset_dir, args.generate_data or args.dataset_episodes,
                                             args.dataset_episodes, args.data_seed, args.data_workers)
-    dataset = prepare_ogbench.load_dataset(env_name, data_dir)
+    built = [prepare_ogbench.make_env(env_name)]
+    dataset = prepare_ogbench.load_dataset(env_name, data_dir, built[0])
     source = os.path.join(data_dir, prepare_ogbench.dataset_name(env_name) + ".npz")
-    return dataset, functools.partial(prepare_ogbench.make_env, env_name), source
+    return dataset, lambda: built.pop() if built else prepare_ogbench.make_env(env_name), source
 
 
 def env_from_checkpoint(ckpt: dict):
@@ -741,7 +748,8 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
     rewards = np.asarray(rewards)
     return dict(success_rate=float(info.get("success", 0.0)), return_mean=float(rewards.sum()),
                 length_mean=len(rewards), q0_mean=q0,
-                disc_return_mean=float(discount ** np.arange(len(rewards)) @ rewards),  # Eq. sum_k gamma^k r_k
+                # Eq. sum_k gamma^k r_k, exactly rounded: a BLAS dot's last bit depends on the arrays' alignment
+                disc_return_mean=math.fsum(discount ** k * r for k, r in enumerate(rewards.tolist())),
                 contact_frac=float(np.mean(contact)) if contact else float("nan"))
 
 
@@ -823,8 +831,12 @@ class Run:
             raise SystemExit("error: --select-dtype bfloat16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
                              "on this one it runs emulated, about 25x slower than float32. Use --select-dtype float32")
         env_name = resolve_env_name(args.env)
-        self.dir = args.run_dir or os.path.join("runs", f"{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
-        created = check_run_dir(self.dir, fresh=resume is None)  # the folder it made, runs/ too the first time
+        if args.run_dir:
+            self.dir, created = args.run_dir, check_run_dir(args.run_dir, fresh=resume is None)
+        else:  # made exclusively: runs started in the same second get -2, -3, ... instead of sharing one folder
+            self.dir = created = new_run_dir(os.path.join("runs", f"{args.env}_s{args.seed}_"
+                                                                  f"{time.strftime('%Y%m%d-%H%M%S')}"))
+        # created: the folder this run made, removed if the run stops before training
         print(f"[mvp] {env_name} on {self.device}, run dir {self.dir}")
         self.gen = seed_everything(args.seed, self.device)
         try:
@@ -833,6 +845,9 @@ class Run:
             if created:
                 shutil.rmtree(created, ignore_errors=True)
             raise
+        crc = zlib.crc32(dataset["actions"].tobytes())  # of the file's actions, before the clip below
+        # [QC] dataset actions are clipped to +-(1 - 1e-5) when loaded (sampled chunks are clipped to [-1, 1])
+        dataset = dict(dataset, actions=np.clip(dataset["actions"], -1 + ACTION_CLIP, 1 - ACTION_CLIP))
         n = len(dataset["observations"])
         if args.chunk_len > n:  # the chunk sampler would index before the first row
             raise SystemExit(f"error: --chunk-len {args.chunk_len} is longer than the dataset ({n} rows); lower "
@@ -841,7 +856,7 @@ class Run:
         (obs_dim,), (action_dim,) = self.env.observation_space.shape, self.env.action_space.shape
         self.task = dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,  # what --eval-only needs
                          env_args=json.dumps(getattr(new_env, "env_args", None)), device_type=self.device.type,
-                         dataset=dict(source=source, rows=n, crc32=zlib.crc32(dataset["actions"].tobytes())))
+                         dataset=dict(source=source, rows=n, crc32=crc))
         self.learner = make_learner(obs_dim, action_dim * args.chunk_len, args, self.device)
         print(f"[mvp] plan: {env_name}, {args.offline_steps:,} offline updates then {args.online_steps:,} online env "
               f"steps, networks {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, "
@@ -860,10 +875,13 @@ class Run:
                                                                        episode_length=0, episode_success=float("nan")))
         self.evals, self.rates, self.signal, self.failure = [], {}, 0, None
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite update
+        self.segments = []  # how each stretch of the run ran (a --resume may change HOW_FLAGS), oldest first
         if resume is not None:
             self.restore(resume)
+        self.segments.append(dict(from_offline_step=self.pos["offline"], from_online_step=self.pos["online"],
+                                  torch=str(torch.__version__), **{k: getattr(args, k) for k in sorted(HOW_FLAGS)}))
         with open(os.path.join(self.dir, "args.json"), "w") as f:  # rewritten on --resume: phases may have grown
-            json.dump(dataclasses.asdict(args), f, indent=1)
+            json.dump(dict(dataclasses.asdict(args), segments=self.segments), f, indent=1)
         self.previous_handlers, self.saved_at = set_stop_handlers(self.on_signal), time.time()
 
     def restore(self, state: dict):
@@ -884,7 +902,10 @@ class Run:
         for k, v in rows.items():
             self.buffer.store[k][size:size + len(v)] = v.to(self.device)
         self.buffer.size = size + len(rows["obs"])
+        if len(rows["obs"]):  # the resumed run starts a new episode: the saved one ends at its last row, whenever
+            self.buffer.store["terminals"][self.buffer.size - 1] = 1.0  # the signal came, so no chunk spans the seam
         self.pos, self.evals = state["pos"], list(state["evals"])
+        self.segments = list(state.get("segments", []))
         for phase in ("offline", "online"):
             truncate_csv(os.path.join(self.dir, f"{phase}.csv"), lambda r: int(r["step"]) <= self.pos[phase])
         kept = {(str(e["step"]), e["phase"]) for e in self.evals}
@@ -899,12 +920,12 @@ class Run:
         self.bar = tqdm(range(start + 1, total + 1), desc=name, unit="upd" if name == "offline" else "step",
                         dynamic_ncols=True, initial=start, total=total)
         self.tick = began = time.time()
-        self.eval_seconds, self.updates = 0.0, 0
+        self.eval_seconds, self.updates, self.tick_step = 0.0, 0, start
         if self.pos.get("failed_eval") == name:  # a run resumed after a failed evaluation first runs it again
             self.evaluate(start)
             self.stop_if_asked()
         for step in self.bar:
-            self.pos[name] = step
+            self.pos[name], self.step_began = step, time.time()
             yield step
             self.stop_if_asked()
             if step == start + 200:  # the whole run's time at this speed, said within the first minutes
@@ -921,6 +942,8 @@ class Run:
         """Notes the first update with a non-finite loss, on the device (no sync); log() reports it."""
         bad = ~torch.isfinite(torch.stack([info["critic_loss"], info["mf_loss"], info["ivc_loss"]])).all()
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+        if self.updates == 0 and step - 1 > self.tick_step:  # the first update after steps without any (online, before
+            self.tick, self.tick_step = self.step_began, step - 1  # start_training): a log row's rates start here
         self.updates += 1
 
     def log(self, step: int, info: dict):
@@ -932,9 +955,9 @@ class Run:
         seconds, row = time.time() - self.tick, {k: round(float(v), 6) for k, v in info.items()}  # .item() here only
         row["updates_per_s"] = round(self.updates / seconds, 2)
         if self.name == "online":
-            row.update(env_steps_per_s=round(self.args.log_interval / seconds, 2), **self.pos["last_ep"])
+            row.update(env_steps_per_s=round((step - self.tick_step) / seconds, 2), **self.pos["last_ep"])
         append_csv(os.path.join(self.dir, f"{self.name}.csv"), {"step": step, **row})
-        self.tick, self.updates = time.time(), 0
+        self.tick, self.updates, self.tick_step = time.time(), 0, step
 
     def episode_end(self, ep_return: float, ep_len: int, success: float):
         self.pos["episodes"] += 1
@@ -959,7 +982,7 @@ class Run:
                        f"{res['bc_return_mean']:.1f}), Q(s0, a*) {res['q0_mean']:.2f} vs discounted return "
                        f"{res['disc_return_mean']:.2f}, contact {res['contact_frac']:.2f}")
         self.eval_seconds += time.time() - start
-        self.tick = time.time()
+        self.tick, self.tick_step, self.updates = time.time(), step, 0  # a log row's rates leave evaluations out
 
     def time_to_save(self, step: int, total: int) -> bool:
         """Every --save-interval steps and at a phase's end, or --save-minutes after the last checkpoint."""
@@ -967,8 +990,10 @@ class Run:
         return bool(by_step or (self.args.save_minutes and time.time() - self.saved_at > 60 * self.args.save_minutes))
 
     def save(self, path: str | None = None):
-        rows = {k: v[self.dataset_rows:self.buffer.size].cpu() for k, v in self.buffer.store.items()}
+        # copies: a slice of the buffer is a view, and torch.save writes a view's whole storage (the dataset too)
+        rows = {k: v[self.dataset_rows:self.buffer.size].to("cpu", copy=True) for k, v in self.buffer.store.items()}
         state = checkpoint_state(self.learner, self.args, self.task, pos=self.pos, evals=self.evals,
+                                 segments=self.segments,
                                  rng=rng_states(self.gen, self.device), buffer_rows=rows,
                                  env_rng=dict(self.env.unwrapped.np_random.bit_generator.state))
         keep, tag = (0, None) if path else (KEEP_CHECKPOINTS, self.pos["offline"] + self.pos["online"])
@@ -1046,7 +1071,8 @@ def resume_args(args: Args) -> tuple[Args, dict]:
 
 def eval_only(args: Args) -> dict:
     """Evaluate a saved policy on the env it was trained on, as trained: only N (--num-candidates) and how the
-    evaluation runs (device, CUDA graphs, workers) may differ from the run's settings."""
+    evaluation runs (device, CUDA graphs, workers) may differ from the run's settings. The episodes are the run's
+    own (its --seed and --eval-episodes) unless given now, so on a CPU this repeats the run's last evaluation."""
     device = pick_device(args.device, args.threads, args.matmul_precision)
     try:
         ckpt = load_checkpoint(args.checkpoint)
@@ -1062,16 +1088,16 @@ def eval_only(args: Args) -> dict:
         raise SystemExit(f"error: checkpoint {args.checkpoint} was trained with --{k.replace('_', '-')} "
                          f"{getattr(saved, k)}, not {getattr(args, k)}; it is evaluated as trained "
                          f"(only --num-candidates and how the evaluation runs may change)")
-    for k in HOW_FLAGS | (explicit & {"num_candidates"}):
+    for k in HOW_FLAGS | (explicit & {"num_candidates", "seed", "eval_episodes"}):
         setattr(saved, k, getattr(args, k))
     learner = make_learner(ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len, saved, device)
     learner.policy.load_state_dict(ckpt["policy"])
     learner.critic.load_state_dict(ckpt["critic"])
-    seed_everything(args.seed, device)
-    res = evaluate(learner, env_from_checkpoint(ckpt), args.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   saved.discount, device, seed=10_000 * (args.seed + 1), workers=args.eval_workers, args=saved,
+    seed_everything(saved.seed, device)
+    res = evaluate(learner, env_from_checkpoint(ckpt), saved.eval_episodes, saved.num_candidates, saved.chunk_len,
+                   saved.discount, device, seed=10_000 * (saved.seed + 1), workers=saved.eval_workers, args=saved,
                    task={k: ckpt.get(k) for k in ("env_name", "env_args", "obs_dim", "action_dim")})
-    print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, episodes=args.eval_episodes,
+    print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, seed=saved.seed, episodes=saved.eval_episodes,
                           num_candidates=saved.num_candidates, **res)))
     return res
 

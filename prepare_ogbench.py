@@ -250,8 +250,9 @@ def find_dataset(env_name: str, dataset_dir: str | None, generate: bool, episode
     return generate_dataset(name, out_dir, episodes, seed, workers)
 
 
-def load_dataset(env_name: str, dataset_dir: str) -> dict:
-    """The training split through OGBench's own loader, which relabels single-task rewards from qpos."""
+def load_dataset(env_name: str, dataset_dir: str, env=None) -> dict:
+    """The training split through OGBench's own loader, which relabels single-task rewards from qpos with `env`
+    (the task's env, made here if not given: building one compiles the MuJoCo model, about 1.5 s)."""
     name, fix = dataset_name(env_name), "delete it and rerun with --generate-data to regenerate it"
     for path in [os.path.join(dataset_dir, f"{name}{s}.npz") for s in ("", "-val")]:  # name the broken file
         try:
@@ -262,7 +263,9 @@ def load_dataset(env_name: str, dataset_dir: str) -> dict:
                             f"or lacks a key: {fix}") from None
         if len(set(lengths.values())) != 1:
             raise DataError(f"{path} has arrays of different lengths {lengths}; {fix}")
-    env, train, _ = import_ogbench().make_env_and_datasets(env_name, dataset_dir=dataset_dir)
+    env = env or make_env(env_name)
+    train, _ = import_ogbench().make_env_and_datasets(env_name, dataset_dir=dataset_dir, dataset_only=True,
+                                                      cur_env=env)
     (obs_dim,), (act_dim,) = env.observation_space.shape, env.action_space.shape
     if train["observations"].shape[1] != obs_dim or train["actions"].shape[1] != act_dim:
         raise DataError(f"{dataset_dir}/{name}.npz holds observations/actions of size "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import os
 import random
 import re
@@ -137,6 +138,22 @@ def check_run_dir(run_dir: str, fresh: bool) -> str | None:
         raise SystemExit(f"error: cannot write to the run directory {run_dir} ({e.strerror or e}); "
                          f"pass a writable --run-dir")
     return created
+
+
+def new_run_dir(base: str) -> str:
+    """Creates base, or base-2, base-3, ... if it exists, with os.mkdir, which only one process can win: of two
+    runs started in the same second one gets base-2. Returns the folder made (the parent, runs/, may be shared)."""
+    for k in itertools.count(1):
+        path = base if k == 1 else f"{base}-{k}"
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SystemExit(f"error: cannot create the run directory {path} ({e.strerror or e}); "
+                             f"pass a writable --run-dir")
 
 
 def check_disk_space(run_dir: str, checkpoint_bytes: int):
