@@ -21,23 +21,29 @@ import numpy as np
 REQUIRED = ("task", "obs_dim", "action_dim", "chunk_len", "num_candidates", "method")  # metadata_props keys
 
 
+def session(path: str, threads: int = 1):
+    """An onnxruntime CPU session of `path` on `threads` intra-op threads, ops run one after another."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError("onnx_policy needs onnxruntime: pip install onnxruntime==1.32.0 (as requirements.txt pins "
+                          "it)") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 1: no thread pool to wake, steady latency on a busy CPU
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ValueError(f"cannot load {path} as an ONNX model ({type(e).__name__}: {str(e)[:200]}); "
+                         f"export one with: python export_onnx.py CHECKPOINT --out {path}") from None
+
+
 class OnnxPolicy:
     """An exported policy's acting step; `metadata` holds what the file says about itself (all strings)."""
 
     def __init__(self, path: str, seed: int | None = None, threads: int = 1):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("onnx_policy needs onnxruntime: pip install onnxruntime") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads  # 1: no thread pool to wake, steady latency on a busy CPU
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ValueError(f"cannot load {path} as an ONNX model ({type(e).__name__}: {str(e)[:200]}); "
-                             f"export one with: python export_onnx.py CHECKPOINT --out {path}") from None
+        self.session = session(path, threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [k for k in REQUIRED if k not in self.metadata]
         if missing:
