@@ -142,10 +142,66 @@ def check_writable(path: str):
         raise SystemExit(f"error: cannot write {path} ({e.strerror}); pass an --out in a writable folder")
 
 
+def split_ensemble_matmuls(model) -> int:
+    """Rewrites each MatMul of activations (K, rows, in) by a constant (K, in, out) weight, the critic ensemble's
+    layers, as K Gemms of (rows, in) by (in, out), stacked again: the same products, member by member, each with
+    its member's bias where an Add of a constant (K, 1, out) is all that reads the MatMul (EnsembleLinear's
+    baddbmm). onnxruntime runs the batched MatMul of 32 rows at about half the rate of single ones (one thread,
+    4x512: three such layers take 2.2 ms batched, 1.1 ms split). Returns how many MatMuls it split."""
+    from onnx import helper, numpy_helper
+    graph = model.graph
+    consts = {w.name: w for w in graph.initializer}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    nodes, split, fused = [], [], set()
+    for node in graph.node:
+        if id(node) in fused:
+            continue
+        w = consts.get(node.input[1]) if node.op_type == "MatMul" else None
+        if w is None or len(w.dims) != 3:
+            nodes.append(node)
+            continue
+        add = readers.get(node.output[0], [])
+        bias = None
+        if len(add) == 1 and add[0].op_type == "Add" and node.output[0] not in {o.name for o in graph.output}:
+            other = consts.get(next(i for i in add[0].input if i != node.output[0]), None)
+            if other is not None and list(other.dims) == [w.dims[0], 1, w.dims[2]]:
+                bias, out = numpy_helper.to_array(other), add[0].output[0]
+                fused.add(id(add[0]))
+        W, members = numpy_helper.to_array(w), []
+        for k in range(W.shape[0]):
+            name = f"{node.output[0]}_member{k}"
+            inputs = [name + "_in", name + "_weight"] + ([name + "_bias"] if bias is not None else [])
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(W[k]), name + "_weight"),
+                                      numpy_helper.from_array(np.array(k, np.int64), name + "_index")])
+            if bias is not None:
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias[k, 0]), name + "_bias"))
+            nodes += [helper.make_node("Gather", [node.input[0], name + "_index"], [name + "_in"], axis=0),
+                      helper.make_node("Gemm", inputs, [name + "_out"]),
+                      helper.make_node("Unsqueeze", [name + "_out", "ensemble_member_axis"], [name])]
+            members.append(name)
+        # (K, rows, out) again, as the MatMul (or its bias Add) wrote it
+        nodes.append(helper.make_node("Concat", members, [out if bias is not None else node.output[0]], axis=0))
+        split.append(w.name)
+    if split:
+        graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "ensemble_member_axis"))
+        used = {i for n in nodes for i in n.input}
+        kept = [w for w in graph.initializer if w.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(split)
+
+
 def export_module(module: nn.Module, example: tuple, input_names: list[str], output_names: list[str], path: str,
-                  meta: dict[str, str] | None = None, batch_inputs: int = 0) -> str:
-    """torch.onnx.export's dynamo exporter -> one self-contained .onnx file (weights inside), written atomically.
-    The first `batch_inputs` inputs share a dynamic leading dimension, B."""
+                  meta: dict[str, str] | None = None, batch_inputs: int = 0, split_ensembles: bool = True) -> str:
+    """torch.onnx.export's dynamo exporter -> one self-contained .onnx file (weights inside), written atomically,
+    with `meta` as its metadata_props and (split_ensembles) the critic ensemble's layers member by member. The
+    first `batch_inputs` inputs share a dynamic leading dimension, B."""
+    import onnx
     check_writable(path)
     batch = torch.export.Dim("batch")
     shapes = [{0: batch} if i < batch_inputs else None for i in range(len(example))] if batch_inputs else None
@@ -154,21 +210,27 @@ def export_module(module: nn.Module, example: tuple, input_names: list[str], out
             program = torch.onnx.export(module, example, dynamo=True, input_names=input_names,
                                         output_names=output_names, dynamic_shapes=shapes, external_data=False,
                                         verbose=False)
-        program.model.metadata_props.update(meta or {})
-        program.save(path + ".tmp", external_data=False)
+        model = program.model_proto
+        if split_ensembles:
+            split_ensemble_matmuls(model)
+        onnx.helper.set_model_props(model, meta or {})
+        onnx.checker.check_model(model)
+        onnx.save(model, path + ".tmp")
     except Exception as e:  # the exporter's own traceback says nothing a user can act on
-        os.remove(path + ".tmp")
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
         raise SystemExit(f"error: the ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          f"check the versions against requirements.txt: {INSTALL}")
     os.replace(path + ".tmp", path)
     return path
 
 
-def export_policy(learner: mvp.Learner, args: mvp.Args, obs_dim: int, path: str, meta: dict[str, str]) -> str:
+def export_policy(learner: mvp.Learner, args: mvp.Args, obs_dim: int, path: str, meta: dict[str, str],
+                  split_ensembles: bool = True) -> str:
     """The acting step of `learner` at N = args.num_candidates as `path`."""
     example = (torch.zeros(2, obs_dim), torch.zeros(2, args.num_candidates, learner.policy.act_dim))
     return export_module(ActingStep(learner, args.chunk_len).eval(), example, ["obs", "noise"], ["chunk", "scores"],
-                         path, meta, batch_inputs=2)
+                         path, meta, batch_inputs=2, split_ensembles=split_ensembles)
 
 
 # ---- the checks: the same chunks as mvp.best_of_n on states, the same episodes as mvp.py --eval-only -------------
@@ -287,9 +349,9 @@ def episode_parity(learner: mvp.Learner, policy, env, seeds: list[int], discount
     return out
 
 
-def check_states(ckpt: dict, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """n observations spread over the run's training data (or, where that file is gone, over seeded env
-    episodes of random actions), and where they came from."""
+def check_states(ckpt: dict, n: int, seed: int = 0, env=None) -> tuple[np.ndarray, str]:
+    """n observations spread over the run's training data (or, where that file is gone, over seeded episodes of
+    random actions in `env`, by default the checkpoint's), and where they came from."""
     source, name = (ckpt.get("dataset") or {}).get("source"), ckpt["env_name"]
     obs = None
     if source and os.path.isfile(source):
@@ -301,7 +363,7 @@ def check_states(ckpt: dict, n: int, seed: int = 0) -> tuple[np.ndarray, str]:
             obs = prepare_robomimic.read_robomimic_hdf5(source, name)[0]["observations"]
     if obs is not None and len(obs) >= n:
         return np.asarray(obs[np.linspace(0, len(obs) - 1, n).astype(int)], dtype=np.float32), f"training data {source}"
-    env, rng, states = mvp.env_from_checkpoint(ckpt), np.random.default_rng(seed), []
+    env, rng, states = env or mvp.env_from_checkpoint(ckpt), np.random.default_rng(seed), []
     while len(states) < n:
         o, _ = env.reset(seed=seed + len(states))
         done = False
