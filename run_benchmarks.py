@@ -312,7 +312,12 @@ def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
     return num_candidates * (policy_calls * policy + critic)
 
 
-def onnx_parts(learner, obs, args, folder: str, calls: int) -> tuple[float, float]:
+# how one chunk is computed: mvp.act_chunk, or the exported step through onnx_policy.OnnxPolicy.act, its critic
+# layers split member by member (export_onnx's default) or as exported (one batched MatMul per layer)
+RUNTIMES = {"eager": "torch eager", "onnx": "onnxruntime", "onnx-batched": "onnxruntime, critic unsplit"}
+
+
+def onnx_parts(learner, obs, args, folder: str, calls: int, split: bool) -> tuple[float, float]:
     """time_parts for the exported networks: median ms of one policy call and one critic-ensemble call on the N
     candidate rows of one observation, each exported alone and run in onnxruntime on one thread."""
     import export_onnx
@@ -326,7 +331,7 @@ def onnx_parts(learner, obs, args, folder: str, calls: int) -> tuple[float, floa
     for name, net in (("policy", learner.policy), ("critic", learner.critic)):
         path = os.path.join(folder, f"{name}.onnx")
         example = tuple(torch.from_numpy(v) for v in feeds[name].values())
-        export_onnx.export_module(net, example, list(feeds[name]), ["out"], path)
+        export_onnx.export_module(net, example, list(feeds[name]), ["out"], path, split_ensembles=split)
         sess = onnx_policy.session(path, threads=1)
         out.append(statistics.median(time_calls(lambda: sess.run(None, feeds[name]), torch.device("cpu"), calls)))
     return out[0], out[1]
@@ -354,22 +359,23 @@ def latency(opts) -> dict:
                                    str(opts.num_candidates), "--device", "cpu"])
             mvp.seed_everything(0, device)
             learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
-            path = os.path.join(folder, f"{m}_{size}.onnx")
-            export_onnx.export_policy(learner, args, obs_dim, path, dict(
-                task="cube-double-task1 (random networks)", obs_dim=str(obs_dim), action_dim=str(action_dim),
-                chunk_len=str(args.chunk_len), num_candidates=str(args.num_candidates), method=m))
-            policy, gen = onnx_policy.OnnxPolicy(path, seed=0, threads=1), torch.Generator().manual_seed(0)
-            calls = args.flow_steps if args.policy == "flow" else 1
-            fns[size, m, "torch eager"] = functools.partial(mvp.act_chunk, learner, obs0, args.num_candidates,
-                                                            args.chunk_len, device, gen)
-            fns[size, m, "onnxruntime"] = functools.partial(policy.act, obs0)
-            for runtime in ("torch eager", "onnxruntime"):
-                rows[size, m, runtime] = dict(networks=size, method=m, runtime=runtime, times=[],
-                                              macs=step_macs(learner, args.num_candidates, calls))
-            if size not in parts:  # the networks' shapes are the same for every method
-                p_ms, c_ms = time_parts(learner, obs0, args, device, opts.part_calls)
-                po_ms, co_ms = onnx_parts(learner, obs0, args, folder, opts.part_calls)
-                parts[size] = {"torch eager": (p_ms, c_ms), "onnxruntime": (po_ms, co_ms)}
+            meta = dict(task="cube-double-task1 (random networks)", obs_dim=str(obs_dim), action_dim=str(action_dim),
+                        chunk_len=str(args.chunk_len), num_candidates=str(args.num_candidates), method=m)
+            macs = step_macs(learner, args.num_candidates, args.flow_steps if args.policy == "flow" else 1)
+            for runtime in opts.runtimes:
+                if runtime == "eager":
+                    gen = torch.Generator().manual_seed(0)
+                    fns[size, m, runtime] = functools.partial(mvp.act_chunk, learner, obs0, args.num_candidates,
+                                                              args.chunk_len, device, gen)
+                else:
+                    path = os.path.join(folder, f"{m}_{size}_{runtime}.onnx")
+                    export_onnx.export_policy(learner, args, obs_dim, path, meta, split_ensembles=runtime == "onnx")
+                    fns[size, m, runtime] = functools.partial(onnx_policy.OnnxPolicy(path, seed=0).act, obs0)
+                rows[size, m, runtime] = dict(networks=size, method=m, runtime=RUNTIMES[runtime], times=[], macs=macs)
+                if (size, runtime) not in parts:  # the networks' shapes are the same for every method
+                    parts[size, runtime] = (time_parts(learner, obs0, args, device, opts.part_calls)
+                                            if runtime == "eager" else
+                                            onnx_parts(learner, obs0, args, folder, opts.part_calls, runtime == "onnx"))
             print(f"[latency] {size} {m}: exported and loaded", flush=True)
     done = 0
     while done < opts.calls:  # rounds: every row gets `round` calls before any gets more
@@ -378,31 +384,26 @@ def latency(opts) -> dict:
             rows[key]["times"] += time_calls(fn, device, n)
         done += n
         print(f"[latency] {done}/{opts.calls} calls per row", flush=True)
-    table = []
     for (size, m, runtime), r in rows.items():
         t = np.array(r.pop("times"))
         r.update(calls=len(t), p50_ms=float(np.percentile(t, 50)), p99_ms=float(np.percentile(t, 99)),
                  max_ms=float(t.max()), ideal_ms=1e3 * r["macs"] / (rate * 1e9 / 2))  # a multiply-add is 2 flops
         r["p99_over_p50"], r["x_ideal"] = r["p99_ms"] / r["p50_ms"], r["p50_ms"] / r["ideal_ms"]
-        table.append(r)
-    by = {(r["networks"], r["method"], r["runtime"]): r for r in table}
-    for r in table:
-        r["speedup_vs_eager"] = by[r["networks"], r["method"], "torch eager"]["p50_ms"] / r["p50_ms"]
+        eager = rows.get((size, m, "eager"))
+        r["speedup_vs_eager"] = eager["p50_ms"] / r["p50_ms"] if eager else float("nan")
     leads = []
-    for size in opts.sizes:
-        for runtime in ("torch eager", "onnxruntime"):
-            p_ms, c_ms = parts[size][runtime]
-            lead = dict(networks=size, runtime=runtime, policy_call_ms=p_ms, critic_call_ms=c_ms,
-                        ceiling=latency_ceiling(p_ms, c_ms, 10))
-            if ("flow10" in opts.methods) and ("mvp" in opts.methods):
-                lead["flow10_over_mvp"] = by[size, "flow10", runtime]["p50_ms"] / by[size, "mvp", runtime]["p50_ms"]
-                lead["x_ceiling"] = lead["flow10_over_mvp"] / lead["ceiling"]
-            leads.append(lead)
+    for (size, runtime), (p_ms, c_ms) in parts.items():
+        lead = dict(networks=size, runtime=RUNTIMES[runtime], policy_call_ms=p_ms, critic_call_ms=c_ms,
+                    ceiling=latency_ceiling(p_ms, c_ms, 10))
+        if {"mvp", "flow10"} <= set(opts.methods):
+            lead["flow10_over_mvp"] = rows[size, "flow10", runtime]["p50_ms"] / rows[size, "mvp", runtime]["p50_ms"]
+            lead["x_ceiling"] = lead["flow10_over_mvp"] / lead["ceiling"]
+        leads.append(lead)
     out = dict(machine=machine_name(device), torch=torch.__version__, onnxruntime=onnxruntime.__version__,
                config=dict(env="cube-double-task1", obs_dim=obs_dim, action_dim=action_dim, chunk_len=5,
                            num_candidates=opts.num_candidates, threads=opts.threads, calls=opts.calls,
-                           round=opts.round, sizes=opts.sizes, methods=opts.methods),
-               matmul_gflops=rate, rows=table, leads=leads)
+                           round=opts.round, sizes=opts.sizes, methods=opts.methods, runtimes=opts.runtimes),
+               matmul_gflops=rate, rows=list(rows.values()), leads=leads)
     out["aims"] = latency_aims(out)
     md = latency_markdown(out)
     os.makedirs(opts.out_dir, exist_ok=True)
@@ -416,20 +417,20 @@ def latency(opts) -> dict:
 
 
 def latency_aims(out: dict) -> list[dict]:
-    """The issue's aims, each with the figure measured and whether it is met."""
-    aims = []
+    """The issue's aims for the exported step (split critic), each with the figure measured and whether it is met."""
+    aims, onnx = [], RUNTIMES["onnx"]
     for r in out["rows"]:
-        if r["runtime"] == "onnxruntime" and r["networks"] == "4x512":
-            aims.append(dict(aim=f"{r['method']} 4x512: exported p50 within 1.25x of MACs / matmul rate",
+        if r["runtime"] == onnx and r["networks"] == "4x512":
+            aims.append(dict(aim=f"{r['method']} 4x512: exported p50 within 1.25x of multiply-adds / matmul rate",
                              value=r["x_ideal"], met=r["x_ideal"] <= 1.25))
-        if r["runtime"] == "onnxruntime" and r["networks"] == "2x256":
+        if r["runtime"] == onnx and r["networks"] == "2x256":
             aims.append(dict(aim=f"{r['method']} 2x256: exported p50 at least 2x faster than eager",
                              value=r["speedup_vs_eager"], met=r["speedup_vs_eager"] >= 2.0))
     for r in out["rows"]:
         aims.append(dict(aim=f"{r['method']} {r['networks']} {r['runtime']}: p99 within 1.5x of p50",
                          value=r["p99_over_p50"], met=r["p99_over_p50"] <= 1.5))
     for lead in out["leads"]:
-        if lead["runtime"] == "onnxruntime" and "x_ceiling" in lead:
+        if lead["runtime"] == onnx and "x_ceiling" in lead:
             aims.append(dict(aim=f"{lead['networks']}: exported flow10 / mvp within 10% of (10 p + c) / (p + c)",
                              value=lead["x_ceiling"], met=lead["x_ceiling"] >= 0.9))
     return aims
@@ -906,6 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sizes", nargs="+", default=["4x512", "2x256"], type=network_size,
                    help="networks, LAYERSxWIDTH (default 4x512 2x256)")
     t.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
+    t.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES),
+                   help="eager: mvp.act_chunk; onnx: the exported step; onnx-batched: its critic layers unsplit")
     t.add_argument("--num-candidates", type=int, default=32)
     t.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; onnxruntime: always 1)")
     t.add_argument("--calls", type=int, default=1000, help="timed calls per row (default 1000)")
