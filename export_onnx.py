@@ -350,8 +350,8 @@ def episode_parity(learner: mvp.Learner, policy, env, seeds: list[int], discount
 
 
 def check_states(ckpt: dict, n: int, seed: int = 0, env=None) -> tuple[np.ndarray, str]:
-    """n observations spread over the run's training data (or, where that file is gone, over seeded episodes of
-    random actions in `env`, by default the checkpoint's), and where they came from."""
+    """n observations spread over the run's training data (all of it if it has fewer; where the file is gone,
+    seeded episodes of random actions in `env`, by default the checkpoint's), and where they came from."""
     source, name = (ckpt.get("dataset") or {}).get("source"), ckpt["env_name"]
     obs = None
     if source and os.path.isfile(source):
@@ -361,8 +361,9 @@ def check_states(ckpt: dict, n: int, seed: int = 0, env=None) -> tuple[np.ndarra
         else:
             import prepare_robomimic
             obs = prepare_robomimic.read_robomimic_hdf5(source, name)[0]["observations"]
-    if obs is not None and len(obs) >= n:
-        return np.asarray(obs[np.linspace(0, len(obs) - 1, n).astype(int)], dtype=np.float32), f"training data {source}"
+    if obs is not None:  # all of them where the data has fewer than n
+        rows = np.unique(np.linspace(0, len(obs) - 1, min(n, len(obs))).astype(int))
+        return np.asarray(obs[rows], dtype=np.float32), f"training data {source}"
     env, rng, states = env or mvp.env_from_checkpoint(ckpt), np.random.default_rng(seed), []
     while len(states) < n:
         o, _ = env.reset(seed=seed + len(states))
