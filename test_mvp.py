@@ -2228,7 +2228,8 @@ def test_panel_grid_leaves_few_cells_empty():
 # (onnx_policy.py), the proofs that it is the same policy, and run_benchmarks.py latency.
 # This section stands alone (its own helpers and fixtures); keep it last.
 # =============================================================================================
-import hashlib  # noqa: E402  (imported here, not at the top, so this section merges as one block)
+import contextlib  # noqa: E402  (imported here, not at the top, so this section merges as one block)
+import hashlib  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import export_onnx  # noqa: E402
@@ -2249,13 +2250,27 @@ def onnx_checkpoint(path: str, env_name: str, obs_dim: int, action_dim: int, ext
     return path
 
 
-def export_cli(*argv) -> dict:
-    """export_onnx.main in this process, leaving torch's thread count as it found it."""
-    threads = torch.get_num_threads()
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch on n threads (one: tiny networks on a busy machine run several times faster), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        return export_onnx.main([*argv])
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def export_cli(*argv) -> dict:
+    """export_onnx.main in this process (it sets torch's threads, to 1 by default), threads restored after."""
+    with torch_threads(torch.get_num_threads()):
+        return export_onnx.main([*argv])
 
 
 @pytest.fixture(scope="module")
@@ -2283,7 +2298,7 @@ def cube_single_states(onnx_policies, cube_single_env):
     return obs
 
 
-def test_onnx_export_is_one_file_holding_the_whole_acting_step_and_its_metadata(onnx_policies):
+def test_onnx_export_is_one_file_holding_the_whole_acting_step_and_its_metadata(onnx_policies, one_thread):
     import onnx
     for method, p in onnx_policies.items():
         assert sorted(os.listdir(os.path.dirname(p.onnx))) == ["flow10.onnx", "flow10.pt", "mvp.onnx", "mvp.pt"]
@@ -2298,15 +2313,16 @@ def test_onnx_export_is_one_file_holding_the_whole_acting_step_and_its_metadata(
         assert {v.name: shape(v) for v in model.graph.input} == {"obs": ["batch", 28], "noise": ["batch", 32, 25]}
         assert {v.name: shape(v) for v in model.graph.output} == {"chunk": ["batch", 5, 5], "scores": ["batch", 32]}
         ops = Counter(n.op_type for n in model.graph.node)
-        # the critic and the selection are in the graph: a LayerNorm per critic layer, the mean over K, one ArgMax
-        assert ops["LayerNormalization"] == 2 and ops["ReduceMean"] == 1 and ops["ArgMax"] == 1
-        # 3 Gemms per policy call (10 Euler steps unrolled for flow10), 3 per critic member (2 members, split)
+        # the critic and the selection are in the graph, the critic member by member (K = 2): a LayerNorm per
+        # hidden layer and member, the mean over K, one ArgMax
+        assert ops["LayerNormalization"] == 2 * 2 and ops["ReduceMean"] == 1 and ops["ArgMax"] == 1
+        # 3 Gemms per policy call (10 Euler steps unrolled for flow10), 3 per critic member
         assert ops["Gemm"] == (3 if method == "mvp" else 30) + 3 * 2 and ops["MatMul"] == 0
 
 
 @pytest.mark.parametrize("method", ["mvp", "flow10"])
 @torch.no_grad()
-def test_onnx_step_is_mvps_best_of_n_on_1000_states(onnx_policies, cube_single_states, method):
+def test_onnx_step_is_mvps_best_of_n_on_1000_states(onnx_policies, cube_single_states, method, one_thread):
     p = onnx_policies[method]
     policy = onnx_policy.OnnxPolicy(p.onnx)
     report = export_onnx.state_parity(p.learner, policy, cube_single_states)  # batches of 1, 2, 7, 64, 256 states
@@ -2348,7 +2364,7 @@ class WrongStep(export_onnx.ActingStep):
 
 @pytest.mark.parametrize("wrong", ["first", "worst"])
 def test_onnx_parity_checks_fail_for_a_graph_that_drops_the_critic_or_picks_another_candidate(
-        onnx_policies, cube_single_states, tmp_path, wrong):
+        onnx_policies, cube_single_states, tmp_path, wrong, one_thread):
     p = onnx_policies["mvp"]
     path = str(tmp_path / f"{wrong}.onnx")
     example = (torch.zeros(2, 28), torch.zeros(2, 32, 25))
@@ -2364,7 +2380,7 @@ def test_onnx_parity_checks_fail_for_a_graph_that_drops_the_critic_or_picks_anot
         assert "chunks differ by" in problems
 
 
-def test_onnx_policy_runs_without_torch_and_names_bad_inputs(onnx_policies, tmp_path, monkeypatch):
+def test_onnx_policy_runs_without_torch_and_names_bad_inputs(onnx_policies, tmp_path, monkeypatch, one_thread):
     import onnx
     path = onnx_policies["mvp"].onnx
     code = ("import sys, numpy as np, onnx_policy; p = onnx_policy.OnnxPolicy(sys.argv[1], seed=3); "
@@ -2403,7 +2419,7 @@ def test_onnx_policy_runs_without_torch_and_names_bad_inputs(onnx_policies, tmp_
         onnx_policy.OnnxPolicy(path)
 
 
-def test_onnx_export_cli_names_each_bad_input_in_one_line(onnx_policies, tmp_path, monkeypatch):
+def test_onnx_export_cli_names_each_bad_input_in_one_line(onnx_policies, tmp_path, monkeypatch, one_thread):
     def error(*argv) -> str:
         with pytest.raises(SystemExit) as e:
             export_cli(*argv)
@@ -2427,7 +2443,6 @@ def test_onnx_export_cli_names_each_bad_input_in_one_line(onnx_policies, tmp_pat
     assert "cannot write" in error(good, "--out", str(tmp_path / "a_file" / "policy.onnx"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert "onnxruntime is not installed" in error(good) and "pip install" in error(good)
-    export_cli(good, "--check-states", "0", "--out", str(tmp_path / "p.onnx"))  # exporting needs no onnxruntime
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     assert "onnxscript is not installed; export_onnx.py needs it: pip install" in error(good, "--check-states", "0")
     # from the shell: the one line, no traceback
@@ -2436,7 +2451,7 @@ def test_onnx_export_cli_names_each_bad_input_in_one_line(onnx_policies, tmp_pat
     assert proc.returncode == 1 and proc.stderr.startswith("error: checkpoint") and "Traceback" not in proc.stderr
 
 
-def test_onnx_episodes_are_eval_onlys_step_for_step(onnx_policies, cube_single_env, monkeypatch):
+def test_onnx_episodes_are_eval_onlys_step_for_step(onnx_policies, cube_single_env, monkeypatch, one_thread):
     """mvp.py --eval-only's episodes against the exported step driven by the runner, on the same seeds and noise
     (episodes cut at 60 steps, the same cut for both)."""
     p, episodes = onnx_policies["mvp"], []
@@ -2467,7 +2482,7 @@ def test_onnx_episodes_are_eval_onlys_step_for_step(onnx_policies, cube_single_e
     assert np.mean([ep["success"] for ep in report]) == res["success_rate"]
 
 
-def test_onnx_lift_episode_matches_mvps(tmp_path):
+def test_onnx_lift_episode_matches_mvps(tmp_path, one_thread):
     """robomimic Lift: one short episode (40 steps) of the exported step against mvp.run_episode."""
     env_args = prepare_robomimic.robomimic_env_args("lift")
     ckpt = onnx_checkpoint(str(tmp_path / "lift.pt"), "lift", ONNX_LIFT_OBS_DIM, 7, env_args=env_args)
@@ -2482,7 +2497,7 @@ def test_onnx_lift_episode_matches_mvps(tmp_path):
     assert ep["tie_flips"] or ep["first_step_over_tol"] is None or ep["first_step_over_tol"] >= 15, ep
 
 
-def test_onnx_latency_subcommand_writes_its_table(tmp_path):
+def test_onnx_latency_subcommand_writes_its_table(tmp_path, one_thread):
     out = run_benchmarks.main(["latency", "--sizes", "1x16", "--runtimes", "eager", "onnx", "--calls", "6",
                                "--round", "3", "--part-calls", "3", "--out-dir", str(tmp_path)])
     rows = {(r["method"], r["runtime"]): r for r in out["rows"]}
