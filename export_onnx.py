@@ -185,9 +185,12 @@ def split_ensemble_matmuls(model) -> int:
             return const(f"{name}_member{k}", c[k if c.shape[0] == K else 0])  # (1, hidden)
         return None
 
-    def unexpanded(x: str) -> str | None:  # x0 where x = Expand(Unsqueeze(x0, [0])): K copies of x0
+    def unexpanded(x: str) -> str | None:  # x0 where x = Expand(Unsqueeze(x0, [0]), [K, 1, 1]): K copies of x0
         expand = producer.get(x)
         if expand is None or expand.op_type != "Expand" or expand.input[0] not in producer:
+            return None
+        shape = consts.get(expand.input[1])
+        if shape is None or shape.tolist()[1:] != [1, 1]:  # only the new leading axis is broadcast
             return None
         up = producer[expand.input[0]]
         ok = up.op_type == "Unsqueeze" and up.input[1] in consts and consts[up.input[1]].tolist() == [0]

@@ -79,10 +79,11 @@ class OnnxPolicy:
                              f"np.asarray(x, dtype=np.float32)")
         if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
             want = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+            fix = ("pass the observation the policy was trained on" if what.startswith("observation") else
+                   "pass standard normal noise of that shape, or none to have it drawn here")
             raise ValueError(f"{what} has shape {x.shape}, but this policy ({self.metadata['task']}, "
                              f"{self.metadata['method']}) takes {want}: obs_dim {self.obs_dim}, N "
-                             f"{self.num_candidates}, A = h * action_dim = {self.act_dim}; pass the observation "
-                             f"the policy was trained on")
+                             f"{self.num_candidates}, A = h * action_dim = {self.act_dim}; {fix}")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
             raise ValueError(f"{what} holds NaN or inf values; the critic cannot rank candidates on them")
