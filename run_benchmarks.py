@@ -295,9 +295,9 @@ def speed_markdown(out: dict) -> str:
 # ================================================================================================
 # latency: one observation's chunk from eager torch against the exported graph in onnxruntime
 # ================================================================================================
-def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """This core's float32 matmul rate in GFLOP/s at torch's current thread count (best of `reps` n^3 products):
-    what the acting step's multiply-adds could run at, were every layer one large matmul."""
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """This core's float32 matmul rate in GFLOP/s at torch's current thread count (best of `reps` n^3 products,
+    as a busy machine only ever slows it): what the step's multiply-adds could run at, were each one large matmul."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = min(time_calls(lambda: torch.mm(a, b), torch.device("cpu"), reps)) / 1e3
@@ -317,24 +317,26 @@ def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
 RUNTIMES = {"eager": "torch eager", "onnx": "onnxruntime", "onnx-batched": "onnxruntime, critic unsplit"}
 
 
-def onnx_parts(learner, obs, args, folder: str, calls: int, split: bool) -> tuple[float, float]:
-    """time_parts for the exported networks: median ms of one policy call and one critic-ensemble call on the N
-    candidate rows of one observation, each exported alone and run in onnxruntime on one thread."""
+def part_calls(learner, obs, args, runtime: str, folder: str) -> dict:
+    """The two pieces an action costs, as calls to time: one policy network call and one critic-ensemble call
+    on the N candidate rows of one observation (flow-K makes K policy calls, MVP one), eagerly (as time_parts)
+    or exported alone and run in onnxruntime on one thread."""
     import export_onnx
     import onnx_policy
     N, A = args.num_candidates, learner.policy.act_dim
-    rows = dict(obs=np.repeat(np.asarray(obs, np.float32)[None], N, axis=0), a=np.zeros((N, A), np.float32),
-                t=np.zeros((N, 1), np.float32))
-    feeds = {"policy": dict(obs=rows["obs"], a=rows["a"], t=rows["t"], r=rows["t"]),
-             "critic": dict(obs=rows["obs"], a=rows["a"])}
-    out = []
+    obs_rep, a, t = np.repeat(np.asarray(obs, np.float32)[None], N, axis=0), np.zeros((N, A), np.float32), \
+        np.zeros((N, 1), np.float32)
+    feeds = {"policy": dict(obs=obs_rep, a=a, t=t, r=t), "critic": dict(obs=obs_rep, a=a)}
+    calls = {}
     for name, net in (("policy", learner.policy), ("critic", learner.critic)):
-        path = os.path.join(folder, f"{name}.onnx")
-        example = tuple(torch.from_numpy(v) for v in feeds[name].values())
-        export_onnx.export_module(net, example, list(feeds[name]), ["out"], path, split_ensembles=split)
-        sess = onnx_policy.session(path, threads=1)
-        out.append(statistics.median(time_calls(lambda: sess.run(None, feeds[name]), torch.device("cpu"), calls)))
-    return out[0], out[1]
+        inputs = tuple(torch.from_numpy(v) for v in feeds[name].values())
+        if runtime == "eager":
+            calls[name] = torch.no_grad()(functools.partial(net, *inputs))
+            continue
+        path = os.path.join(folder, f"{name}_{runtime}.onnx")
+        export_onnx.export_module(net, inputs, list(feeds[name]), ["out"], path, split_ensembles=runtime == "onnx")
+        calls[name] = functools.partial(onnx_policy.session(path, threads=1).run, None, feeds[name])
+    return calls
 
 
 def latency(opts) -> dict:
@@ -373,17 +375,19 @@ def latency(opts) -> dict:
                     fns[size, m, runtime] = functools.partial(onnx_policy.OnnxPolicy(path, seed=0).act, obs0)
                 rows[size, m, runtime] = dict(networks=size, method=m, runtime=RUNTIMES[runtime], times=[], macs=macs)
                 if (size, runtime) not in parts:  # the networks' shapes are the same for every method
-                    parts[size, runtime] = (time_parts(learner, obs0, args, device, opts.part_calls)
-                                            if runtime == "eager" else
-                                            onnx_parts(learner, obs0, args, folder, opts.part_calls, runtime == "onnx"))
+                    parts[size, runtime] = {k: [] for k in ("policy", "critic")}
+                    for k, fn in part_calls(learner, obs0, args, runtime, folder).items():
+                        fns[size, k, runtime] = fn
             print(f"[latency] {size} {m}: exported and loaded", flush=True)
     done = 0
-    while done < opts.calls:  # rounds: every row gets `round` calls before any gets more
+    while done < opts.calls:  # rounds: every row (and part) gets `round` calls before any gets more
         n = min(opts.round, opts.calls - done)
-        for key, fn in fns.items():
-            rows[key]["times"] += time_calls(fn, device, n)
+        for (size, m, runtime), fn in fns.items():
+            times = time_calls(fn, device, n)
+            (parts[size, runtime][m] if m in ("policy", "critic") else rows[size, m, runtime]["times"]).extend(times)
         done += n
         print(f"[latency] {done}/{opts.calls} calls per row", flush=True)
+    rate = max(rate, matmul_gflops())  # before and after the rounds: the better of the two
     for (size, m, runtime), r in rows.items():
         t = np.array(r.pop("times"))
         r.update(calls=len(t), p50_ms=float(np.percentile(t, 50)), p99_ms=float(np.percentile(t, 99)),
@@ -392,7 +396,8 @@ def latency(opts) -> dict:
         eager = rows.get((size, m, "eager"))
         r["speedup_vs_eager"] = eager["p50_ms"] / r["p50_ms"] if eager else float("nan")
     leads = []
-    for (size, runtime), (p_ms, c_ms) in parts.items():
+    for (size, runtime), times in parts.items():
+        p_ms, c_ms = statistics.median(times["policy"]), statistics.median(times["critic"])
         lead = dict(networks=size, runtime=RUNTIMES[runtime], policy_call_ms=p_ms, critic_call_ms=c_ms,
                     ceiling=latency_ceiling(p_ms, c_ms, 10))
         if {"mvp", "flow10"} <= set(opts.methods):
@@ -441,8 +446,10 @@ def latency_markdown(out: dict) -> str:
     lines = [f"Machine: {out['machine']}; torch {out['torch']}, onnxruntime {out['onnxruntime']}. One observation "
              f"of {c['env']} (obs {c['obs_dim']}, actions {c['action_dim']}, h = {c['chunk_len']}), N = "
              f"{c['num_candidates']}, {c['threads']} CPU thread (torch; onnxruntime one intra-op thread, "
-             f"sequential); {c['calls']} calls per row, interleaved in rounds of {c['round']}. Float32 matmul rate "
-             f"measured in the same run: {out['matmul_gflops']:.1f} GFLOP/s (1024^3, one thread); ideal = "
+             f"sequential); {c['calls']} calls per row, and per policy call p and critic-ensemble call c (medians), "
+             f"interleaved in rounds of {c['round']}. Float32 matmul rate "
+             f"measured in the same run: {out['matmul_gflops']:.1f} GFLOP/s (1024^3, one thread, the best of 20 "
+             f"before the calls and 20 after); ideal = "
              f"multiply-adds / that rate.", "",
              "| networks | method | runtime | p50 (ms) | p99 (ms) | max (ms) | p99 / p50 | x eager at p50 "
              "| multiply-adds (M) | ideal (ms) | p50 / ideal |",
@@ -911,10 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: mvp.act_chunk; onnx: the exported step; onnx-batched: its critic layers unsplit")
     t.add_argument("--num-candidates", type=int, default=32)
     t.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; onnxruntime: always 1)")
-    t.add_argument("--calls", type=int, default=1000, help="timed calls per row (default 1000)")
+    t.add_argument("--calls", type=int, default=1000,
+                   help="timed calls per row, and of one policy and one critic call for the ceiling (default 1000)")
     t.add_argument("--round", type=int, default=100, help="calls per row before the next row's turn (default 100)")
-    t.add_argument("--part-calls", type=int, default=200,
-                   help="calls timing one policy and one critic call, for the ceiling (default 200)")
     t.add_argument("--out-dir", default="bench")
     g = sub.add_parser("graph-check", help="CUDA graphs against eager training, same seed (needs CUDA)")
     g.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
@@ -985,7 +991,7 @@ def main(argv=None):
             p.error('--extra takes one quoted string of mvp.py flags, e.g. --extra "--tau 0.02 --compile" '
                     "(one flag alone: --extra=--compile); the suite's own flags go outside the quotes")
     opts = p.parse_args(argv)
-    for name in ("repeats", "latency_calls", "workers", "updates", "calls", "round", "part_calls", "num_candidates"):
+    for name in ("repeats", "latency_calls", "workers", "updates", "calls", "round", "num_candidates"):
         if getattr(opts, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if opts.command == "suite":

@@ -2499,7 +2499,7 @@ def test_onnx_lift_episode_matches_mvps(tmp_path, one_thread):
 
 def test_onnx_latency_subcommand_writes_its_table(tmp_path, one_thread):
     out = run_benchmarks.main(["latency", "--sizes", "1x16", "--runtimes", "eager", "onnx", "--calls", "6",
-                               "--round", "3", "--part-calls", "3", "--out-dir", str(tmp_path)])
+                               "--round", "3", "--out-dir", str(tmp_path)])
     rows = {(r["method"], r["runtime"]): r for r in out["rows"]}
     assert set(rows) == {(m, rt) for m in ("mvp", "flow10") for rt in ("torch eager", "onnxruntime")}
     for r in rows.values():
