@@ -295,15 +295,6 @@ def speed_markdown(out: dict) -> str:
 # ================================================================================================
 # latency: one observation's chunk from eager torch against the exported graph in onnxruntime
 # ================================================================================================
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    """This core's float32 matmul rate in GFLOP/s at torch's current thread count (best of `reps` n^3 products,
-    as a busy machine only ever slows it): what the step's multiply-adds could run at, were each one large matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(time_calls(lambda: torch.mm(a, b), torch.device("cpu"), reps)) / 1e3
-    return 2 * n ** 3 / best / 1e9
-
-
 def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
     """Multiply-adds of one acting step, from the layer shapes: N rows through the policy `policy_calls` times
     (flow-K: K, MVP: 1), then once through the K critics (EnsembleLinear weights are (K, in, out))."""
@@ -315,6 +306,7 @@ def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
 # how one chunk is computed: mvp.act_chunk, or the exported step through onnx_policy.OnnxPolicy.act, its critic
 # layers split member by member (export_onnx's default) or as exported (one batched MatMul per layer)
 RUNTIMES = {"eager": "torch eager", "onnx": "onnxruntime", "onnx-batched": "onnxruntime, critic unsplit"}
+MATMUL = 1024  # the size of the square float32 products that measure the core's matmul rate
 
 
 def part_calls(learner, obs, args, runtime: str, folder: str) -> dict:
@@ -352,8 +344,10 @@ def latency(opts) -> dict:
     env = prepare_ogbench.make_env(mvp.resolve_env_name("cube-double-task1"))
     obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
     obs0, _ = env.reset(seed=0)
-    rate = matmul_gflops()
-    rows, fns, parts, folder = {}, {}, {}, tempfile.mkdtemp(prefix="latency-")
+    # the core's float32 matmul rate, timed in the same rounds as the steps (so under the same load): what the
+    # step's multiply-adds could run at, were each of them part of one large matmul
+    mm = functools.partial(torch.mm, torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL))
+    rows, fns, parts, mm_ms, folder = {}, {}, {}, [], tempfile.mkdtemp(prefix="latency-")
     for size in opts.sizes:
         layers, width = (int(x) for x in size.split("x"))
         for m in opts.methods:
@@ -385,9 +379,10 @@ def latency(opts) -> dict:
         for (size, m, runtime), fn in fns.items():
             times = time_calls(fn, device, n)
             (parts[size, runtime][m] if m in ("policy", "critic") else rows[size, m, runtime]["times"]).extend(times)
+        mm_ms += time_calls(mm, device, 4)
         done += n
         print(f"[latency] {done}/{opts.calls} calls per row", flush=True)
-    rate = max(rate, matmul_gflops())  # before and after the rounds: the better of the two
+    rate = 2 * MATMUL ** 3 / (statistics.median(mm_ms) / 1e3) / 1e9  # GFLOP/s
     for (size, m, runtime), r in rows.items():
         t = np.array(r.pop("times"))
         r.update(calls=len(t), p50_ms=float(np.percentile(t, 50)), p99_ms=float(np.percentile(t, 99)),
@@ -448,9 +443,8 @@ def latency_markdown(out: dict) -> str:
              f"{c['num_candidates']}, {c['threads']} CPU thread (torch; onnxruntime one intra-op thread, "
              f"sequential); {c['calls']} calls per row, and per policy call p and critic-ensemble call c (medians), "
              f"interleaved in rounds of {c['round']}. Float32 matmul rate "
-             f"measured in the same run: {out['matmul_gflops']:.1f} GFLOP/s (1024^3, one thread, the best of 20 "
-             f"before the calls and 20 after); ideal = "
-             f"multiply-adds / that rate.", "",
+             f"in the same rounds: {out['matmul_gflops']:.1f} GFLOP/s ({MATMUL}^3 products, one thread, median of 4 "
+             f"per round); ideal = multiply-adds / that rate.", "",
              "| networks | method | runtime | p50 (ms) | p99 (ms) | max (ms) | p99 / p50 | x eager at p50 "
              "| multiply-adds (M) | ideal (ms) | p50 / ideal |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
