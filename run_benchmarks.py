@@ -9,6 +9,7 @@ the policy's loss and sampler differ:
 
 Commands:
     python run_benchmarks.py speed                        # throughput and latency table, this device
+    python run_benchmarks.py latency                      # one chunk: eager torch against the ONNX graph, 1 thread
     python run_benchmarks.py graph-check                  # CUDA: graphed training matches eager, fresh draws
     python run_benchmarks.py share --processes 1 2 4      # aggregate updates/s of runs sharing one GPU
     python run_benchmarks.py suite --preset cpu --tasks cube-double-task1 --seeds 0 1 --methods mvp flow10
@@ -21,12 +22,14 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -286,6 +289,179 @@ def speed_markdown(out: dict) -> str:
                       f"{lp['critic_call_ms']:.2f} ms. "
                       f"Both methods pay the critic call, so flow10 / MVP latency cannot exceed (10 p + c) / (p + c) = "
                       f"{lp['flow10_latency_ratio_ceiling']:.2f} on this device."]
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================================================
+# latency: one observation's chunk from eager torch against the exported graph in onnxruntime
+# ================================================================================================
+def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
+    """Multiply-adds of one acting step, from the layer shapes: N rows through the policy `policy_calls` times
+    (flow-K: K, MVP: 1), then once through the K critics (EnsembleLinear weights are (K, in, out))."""
+    policy = sum(m.weight.numel() for m in learner.policy.modules() if isinstance(m, torch.nn.Linear))
+    critic = sum(m.weight.numel() for m in learner.critic.modules() if isinstance(m, mvp.EnsembleLinear))
+    return num_candidates * (policy_calls * policy + critic)
+
+
+# how one chunk is computed: mvp.act_chunk, or the exported step through onnx_policy.OnnxPolicy.act, its critic
+# layers split member by member (export_onnx's default) or as exported (one batched MatMul per layer)
+RUNTIMES = {"eager": "torch eager", "onnx": "onnxruntime", "onnx-batched": "onnxruntime, critic unsplit"}
+MATMUL = 1024  # the size of the square float32 products that measure the core's matmul rate
+
+
+def part_calls(learner, obs, args, runtime: str, folder: str) -> dict:
+    """The two pieces an action costs, as calls to time: one policy network call and one critic-ensemble call
+    on the N candidate rows of one observation (flow-K makes K policy calls, MVP one), eagerly (as time_parts)
+    or exported alone and run in onnxruntime on one thread."""
+    import export_onnx
+    import onnx_policy
+    N, A = args.num_candidates, learner.policy.act_dim
+    obs_rep, a, t = np.repeat(np.asarray(obs, np.float32)[None], N, axis=0), np.zeros((N, A), np.float32), \
+        np.zeros((N, 1), np.float32)
+    feeds = {"policy": dict(obs=obs_rep, a=a, t=t, r=t), "critic": dict(obs=obs_rep, a=a)}
+    calls = {}
+    for name, net in (("policy", learner.policy), ("critic", learner.critic)):
+        inputs = tuple(torch.from_numpy(v) for v in feeds[name].values())
+        if runtime == "eager":
+            calls[name] = torch.no_grad()(functools.partial(net, *inputs))
+            continue
+        path = os.path.join(folder, f"{name}_{runtime}.onnx")
+        export_onnx.export_module(net, inputs, list(feeds[name]), ["out"], path, split_ensembles=runtime == "onnx")
+        calls[name] = functools.partial(onnx_policy.session(path, threads=1).run, None, feeds[name])
+    return calls
+
+
+def latency(opts) -> dict:
+    """p50 / p99 / max ms of one best-of-N action chunk for one observation: eager torch (mvp.act_chunk) against
+    the exported step in onnxruntime (onnx_policy.OnnxPolicy.act), both on one thread, every method and network
+    size in one process, calls interleaved in rounds so a busy machine's drifts hit all rows alike."""
+    import tempfile
+    import export_onnx
+    import onnx_policy
+    export_onnx.need_onnx(runtime=True)
+    import onnxruntime
+    device = mvp.pick_device("cpu", opts.threads)
+    env = prepare_ogbench.make_env(mvp.resolve_env_name("cube-double-task1"))
+    obs_dim, action_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    obs0, _ = env.reset(seed=0)
+    # the core's float32 matmul rate, timed in the same rounds as the steps (so under the same load): what the
+    # step's multiply-adds could run at, were each of them part of one large matmul
+    mm = functools.partial(torch.mm, torch.randn(MATMUL, MATMUL), torch.randn(MATMUL, MATMUL))
+    rows, fns, parts, mm_ms, folder = {}, {}, {}, [], tempfile.mkdtemp(prefix="latency-")
+    for size in opts.sizes:
+        layers, width = (int(x) for x in size.split("x"))
+        for m in opts.methods:
+            args = method_args(m, ["--hidden-dim", str(width), "--num-layers", str(layers), "--num-candidates",
+                                   str(opts.num_candidates), "--device", "cpu"])
+            mvp.seed_everything(0, device)
+            learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
+            meta = dict(task="cube-double-task1 (random networks)", obs_dim=str(obs_dim), action_dim=str(action_dim),
+                        chunk_len=str(args.chunk_len), num_candidates=str(args.num_candidates), method=m)
+            macs = step_macs(learner, args.num_candidates, args.flow_steps if args.policy == "flow" else 1)
+            for runtime in opts.runtimes:
+                if runtime == "eager":
+                    gen = torch.Generator().manual_seed(0)
+                    fns[size, m, runtime] = functools.partial(mvp.act_chunk, learner, obs0, args.num_candidates,
+                                                              args.chunk_len, device, gen)
+                else:
+                    path = os.path.join(folder, f"{m}_{size}_{runtime}.onnx")
+                    export_onnx.export_policy(learner, args, obs_dim, path, meta, split_ensembles=runtime == "onnx")
+                    fns[size, m, runtime] = functools.partial(onnx_policy.OnnxPolicy(path, seed=0).act, obs0)
+                rows[size, m, runtime] = dict(networks=size, method=m, runtime=RUNTIMES[runtime], times=[], macs=macs)
+                if (size, runtime) not in parts:  # the networks' shapes are the same for every method
+                    parts[size, runtime] = {k: [] for k in ("policy", "critic")}
+                    for k, fn in part_calls(learner, obs0, args, runtime, folder).items():
+                        fns[size, k, runtime] = fn
+            print(f"[latency] {size} {m}: exported and loaded", flush=True)
+    done = 0
+    while done < opts.calls:  # rounds: every row (and part) gets `round` calls before any gets more
+        n = min(opts.round, opts.calls - done)
+        for (size, m, runtime), fn in fns.items():
+            times = time_calls(fn, device, n)
+            (parts[size, runtime][m] if m in ("policy", "critic") else rows[size, m, runtime]["times"]).extend(times)
+        mm_ms += time_calls(mm, device, 4)
+        done += n
+        print(f"[latency] {done}/{opts.calls} calls per row", flush=True)
+    rate = 2 * MATMUL ** 3 / (statistics.median(mm_ms) / 1e3) / 1e9  # GFLOP/s
+    for (size, m, runtime), r in rows.items():
+        t = np.array(r.pop("times"))
+        r.update(calls=len(t), p50_ms=float(np.percentile(t, 50)), p99_ms=float(np.percentile(t, 99)),
+                 max_ms=float(t.max()), ideal_ms=1e3 * r["macs"] / (rate * 1e9 / 2))  # a multiply-add is 2 flops
+        r["p99_over_p50"], r["x_ideal"] = r["p99_ms"] / r["p50_ms"], r["p50_ms"] / r["ideal_ms"]
+        eager = rows.get((size, m, "eager"))
+        r["speedup_vs_eager"] = eager["p50_ms"] / r["p50_ms"] if eager else float("nan")
+    leads = []
+    for (size, runtime), times in parts.items():
+        p_ms, c_ms = statistics.median(times["policy"]), statistics.median(times["critic"])
+        lead = dict(networks=size, runtime=RUNTIMES[runtime], policy_call_ms=p_ms, critic_call_ms=c_ms,
+                    ceiling=latency_ceiling(p_ms, c_ms, 10))
+        if {"mvp", "flow10"} <= set(opts.methods):
+            lead["flow10_over_mvp"] = rows[size, "flow10", runtime]["p50_ms"] / rows[size, "mvp", runtime]["p50_ms"]
+            lead["x_ceiling"] = lead["flow10_over_mvp"] / lead["ceiling"]
+        leads.append(lead)
+    out = dict(machine=machine_name(device), torch=torch.__version__, onnxruntime=onnxruntime.__version__,
+               config=dict(env="cube-double-task1", obs_dim=obs_dim, action_dim=action_dim, chunk_len=5,
+                           num_candidates=opts.num_candidates, threads=opts.threads, calls=opts.calls,
+                           round=opts.round, sizes=opts.sizes, methods=opts.methods, runtimes=opts.runtimes),
+               matmul_gflops=rate, rows=list(rows.values()), leads=leads)
+    out["aims"] = latency_aims(out)
+    md = latency_markdown(out)
+    os.makedirs(opts.out_dir, exist_ok=True)
+    with open(os.path.join(opts.out_dir, "latency.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(opts.out_dir, "latency.md"), "w") as f:
+        f.write(md)
+    print(md)
+    shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def latency_aims(out: dict) -> list[dict]:
+    """The issue's aims for the exported step (split critic), each with the figure measured and whether it is met."""
+    aims, onnx = [], RUNTIMES["onnx"]
+    for r in out["rows"]:
+        if r["runtime"] == onnx and r["networks"] == "4x512":
+            aims.append(dict(aim=f"{r['method']} 4x512: exported p50 within 1.25x of multiply-adds / matmul rate",
+                             value=r["x_ideal"], met=r["x_ideal"] <= 1.25))
+        if r["runtime"] == onnx and r["networks"] == "2x256":
+            aims.append(dict(aim=f"{r['method']} 2x256: exported p50 at least 2x faster than eager",
+                             value=r["speedup_vs_eager"], met=r["speedup_vs_eager"] >= 2.0))
+    for r in out["rows"]:
+        aims.append(dict(aim=f"{r['method']} {r['networks']} {r['runtime']}: p99 within 1.5x of p50",
+                         value=r["p99_over_p50"], met=r["p99_over_p50"] <= 1.5))
+    for lead in out["leads"]:
+        if lead["runtime"] == onnx and "x_ceiling" in lead:
+            aims.append(dict(aim=f"{lead['networks']}: exported flow10 / mvp within 10% of (10 p + c) / (p + c)",
+                             value=lead["x_ceiling"], met=lead["x_ceiling"] >= 0.9))
+    return aims
+
+
+def latency_markdown(out: dict) -> str:
+    c = out["config"]
+    lines = [f"Machine: {out['machine']}; torch {out['torch']}, onnxruntime {out['onnxruntime']}. One observation "
+             f"of {c['env']} (obs {c['obs_dim']}, actions {c['action_dim']}, h = {c['chunk_len']}), N = "
+             f"{c['num_candidates']}, {c['threads']} CPU thread (torch; onnxruntime one intra-op thread, "
+             f"sequential); {c['calls']} calls per row, and per policy call p and critic-ensemble call c (medians), "
+             f"interleaved in rounds of {c['round']}. Float32 matmul rate "
+             f"in the same rounds: {out['matmul_gflops']:.1f} GFLOP/s ({MATMUL}^3 products, one thread, median of 4 "
+             f"per round); ideal = multiply-adds / that rate.", "",
+             "| networks | method | runtime | p50 (ms) | p99 (ms) | max (ms) | p99 / p50 | x eager at p50 "
+             "| multiply-adds (M) | ideal (ms) | p50 / ideal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in out["rows"]:
+        lines.append(f"| {r['networks']} | {r['method']} | {r['runtime']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
+                     f"| {r['max_ms']:.3f} | {r['p99_over_p50']:.2f} | {r['speedup_vs_eager']:.2f} "
+                     f"| {r['macs'] / 1e6:.1f} | {r['ideal_ms']:.3f} | {r['x_ideal']:.2f} |")
+    lines += ["", "| networks | runtime | policy call p (ms) | critic-ensemble call c (ms) "
+              "| ceiling (10 p + c) / (p + c) | flow10 / mvp at p50 | x ceiling |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    nan = float("nan")
+    for lead in out["leads"]:
+        lines.append(f"| {lead['networks']} | {lead['runtime']} | {lead['policy_call_ms']:.3f} "
+                     f"| {lead['critic_call_ms']:.3f} | {lead['ceiling']:.2f} | {lead.get('flow10_over_mvp', nan):.2f} "
+                     f"| {lead.get('x_ceiling', nan):.2f} |")
+    lines += ["", "| aim | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {a['aim']} | {a['value']:.2f} | {'yes' if a['met'] else 'no'} |" for a in out["aims"]]
     return "\n".join(lines) + "\n"
 
 
@@ -705,6 +881,12 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     return out
 
 
+def network_size(text: str) -> str:
+    if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not LAYERSxWIDTH, e.g. 4x512")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MVP against its baselines: speed and success.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -722,6 +904,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=float, default=10.0, help="time per throughput measurement")
     s.add_argument("--latency-calls", type=int, default=50, help="single-observation action calls per repeat")
     s.add_argument("--out-dir", default="bench")
+    t = sub.add_parser("latency", help="one chunk's latency: eager torch against the exported ONNX graph, on CPU")
+    t.add_argument("--sizes", nargs="+", default=["4x512", "2x256"], type=network_size,
+                   help="networks, LAYERSxWIDTH (default 4x512 2x256)")
+    t.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
+    t.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES),
+                   help="eager: mvp.act_chunk; onnx: the exported step; onnx-batched: its critic layers unsplit")
+    t.add_argument("--num-candidates", type=int, default=32)
+    t.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; onnxruntime: always 1)")
+    t.add_argument("--calls", type=int, default=1000,
+                   help="timed calls per row, and of one policy and one critic call for the ceiling (default 1000)")
+    t.add_argument("--round", type=int, default=100, help="calls per row before the next row's turn (default 100)")
+    t.add_argument("--out-dir", default="bench")
     g = sub.add_parser("graph-check", help="CUDA graphs against eager training, same seed (needs CUDA)")
     g.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
     g.add_argument("--updates", type=int, default=200)
@@ -791,7 +985,7 @@ def main(argv=None):
             p.error('--extra takes one quoted string of mvp.py flags, e.g. --extra "--tau 0.02 --compile" '
                     "(one flag alone: --extra=--compile); the suite's own flags go outside the quotes")
     opts = p.parse_args(argv)
-    for name in ("repeats", "latency_calls", "workers", "updates"):
+    for name in ("repeats", "latency_calls", "workers", "updates", "calls", "round", "num_candidates"):
         if getattr(opts, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if opts.command == "suite":
@@ -805,7 +999,8 @@ def main(argv=None):
     if opts.command == "plot":
         return plot_runs(opts.run_dirs,
                          opts.out or os.path.join(opts.run_dirs[0] if len(opts.run_dirs) == 1 else ".", "curves.png"))
-    commands = {"speed": speed, "suite": suite, "graph-check": graph_check, "share": share, "_rate": rate_worker}
+    commands = {"speed": speed, "suite": suite, "graph-check": graph_check, "share": share, "_rate": rate_worker,
+                "latency": latency}
     return commands[opts.command](opts)
 
 
