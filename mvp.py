@@ -58,9 +58,8 @@ import torch.nn.functional as F
 import prepare_ogbench  # OGBench's tasks, data and envs (these three files never import this one)
 import prepare_robomimic  # robomimic's
 from run_utils import (KEEP_CHECKPOINTS, CUDAGraphed, append_csv, check_disk_space, check_run_dir, cpu_has_bfloat16,
-                       load_checkpoint, map_in_processes, new_run_dir, newest_checkpoint, rng_states,
-                       save_checkpoint, seed_everything, set_rng_states, set_stop_handlers,
-                       truncate_csv)  # plumbing with nothing of MVP
+                       in_range, load_checkpoint, map_in_processes, new_run_dir, newest_checkpoint, rng_states,
+                       save_checkpoint, seed_everything, set_rng_states, set_stop_handlers, truncate_csv)  # no MVP
 
 
 # ================================================================================================
@@ -84,8 +83,7 @@ class Args:
     # protocol [QC]
     offline_steps: int = arg(1_000_000, "offline gradient steps on the dataset", range="[0, inf)")
     online_steps: int = arg(1_000_000, "online environment steps (1 update per step)", range="[0, inf)")
-    start_training: int = arg(5_000, "online updates begin at this env step [QC: i >= start_training]",
-                              range="[0, inf)")
+    start_training: int = arg(5_000, "online updates begin at this env step [QC]", range="[0, inf)")
     batch_size: int = arg(256, "minibatch size", range="[1, inf)")
     lr: float = arg(3e-4, "Adam learning rate, actor and critic", range="(0, inf)")
     hidden_dim: int = arg(512, "width of actor and critic MLPs", range="[1, inf)")
@@ -430,9 +428,6 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 # ================================================================================================
 # Replay buffer: Q-chunking's chunk sampler is part of the RL target (n-step rewards, masks, s_{k+h})
 # ================================================================================================
-ACTION_CLIP = 1e-5  # [QC] dataset actions are clipped to +-(1 - ACTION_CLIP) as they are loaded
-
-
 class ReplayBuffer:
     """Flat transitions in one preallocated device tensor; offline data first, online steps appended.
 
@@ -657,12 +652,6 @@ def train(args: Args, resume: dict | None = None) -> dict:
 # changes the algorithm. Each benchmark suite's details live in prepare_ogbench.py and
 # prepare_robomimic.py; what knows nothing of MVP (CUDA graphs, checkpoint files, signals) in run_utils.py.
 # ================================================================================================
-def in_range(x: float, spec: str) -> bool:
-    """x in an interval written "[lo, hi)", "(0, 1]", ... (the ranges of Args)."""
-    lo, hi = (float(v) for v in spec[1:-1].split(","))
-    return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
-
-
 # ---- tasks: each benchmark suite's names, dataset reader and environments live in its own file ------------
 DATA_ERRORS = (prepare_ogbench.DataError, prepare_robomimic.DataError)  # a dataset missing, corrupt or mismatched
 
@@ -682,8 +671,8 @@ def load_task(env_name: str, args: Args):
     """(dataset, make_env, source file) of a resolved task name: the one place that knows a task's suite.
 
     dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations. make_env(): a
-    new gymnasium-style env whose info["success"] reports success; .env_args (robomimic) for --eval-only. The
-    first call of an OGBench make_env returns the env that relabelled the dataset (each build costs seconds)."""
+    new gymnasium-style env whose info["success"] reports success (OGBench's first: the one that relabelled the
+    dataset, as a build costs seconds); .env_args (robomimic) for --eval-only."""
     if env_name in prepare_robomimic.ROBOMIMIC_TASKS:
         if args.generate_data:
             raise prepare_robomimic.DataError(
@@ -745,11 +734,9 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
         rewards.append(float(reward))
         if "proprio/gripper_contact" in info:  # OGBench's pad contact: 0 or about 1
             contact.append(float(np.mean(info["proprio/gripper_contact"])))
-    rewards = np.asarray(rewards)
-    return dict(success_rate=float(info.get("success", 0.0)), return_mean=float(rewards.sum()),
-                length_mean=len(rewards), q0_mean=q0,
-                # Eq. sum_k gamma^k r_k, exactly rounded: a BLAS dot's last bit depends on the arrays' alignment
-                disc_return_mean=math.fsum(discount ** k * r for k, r in enumerate(rewards.tolist())),
+    return dict(success_rate=float(info.get("success", 0.0)), return_mean=float(np.sum(rewards)),
+                length_mean=len(rewards), q0_mean=q0,  # Eq. sum_k gamma^k r_k below, exactly rounded (a BLAS dot's
+                disc_return_mean=math.fsum(discount ** k * r for k, r in enumerate(rewards)),  # last bit varies)
                 contact_frac=float(np.mean(contact)) if contact else float("nan"))
 
 
@@ -831,12 +818,9 @@ class Run:
             raise SystemExit("error: --select-dtype bfloat16 needs a CPU with native bfloat16 (AVX512-BF16 or AMX); "
                              "on this one it runs emulated, about 25x slower than float32. Use --select-dtype float32")
         env_name = resolve_env_name(args.env)
-        if args.run_dir:
-            self.dir, created = args.run_dir, check_run_dir(args.run_dir, fresh=resume is None)
-        else:  # made exclusively: runs started in the same second get -2, -3, ... instead of sharing one folder
-            self.dir = created = new_run_dir(os.path.join("runs", f"{args.env}_s{args.seed}_"
-                                                                  f"{time.strftime('%Y%m%d-%H%M%S')}"))
-        # created: the folder this run made, removed if the run stops before training
+        # the default folder is made exclusively: a run started in the same second gets -2, -3, ...
+        self.dir = args.run_dir or new_run_dir(f"runs/{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+        created = check_run_dir(self.dir, fresh=resume is None) if args.run_dir else self.dir  # gone if stopped early
         print(f"[mvp] {env_name} on {self.device}, run dir {self.dir}")
         self.gen = seed_everything(args.seed, self.device)
         try:
@@ -845,9 +829,8 @@ class Run:
             if created:
                 shutil.rmtree(created, ignore_errors=True)
             raise
-        crc = zlib.crc32(dataset["actions"].tobytes())  # of the file's actions, before the clip below
-        # [QC] dataset actions are clipped to +-(1 - 1e-5) when loaded (sampled chunks are clipped to [-1, 1])
-        dataset = dict(dataset, actions=np.clip(dataset["actions"], -1 + ACTION_CLIP, 1 - ACTION_CLIP))
+        crc = zlib.crc32(dataset["actions"].tobytes())  # of the file's actions, before [QC]'s clip on loading:
+        dataset = dict(dataset, actions=np.clip(dataset["actions"], -1 + 1e-5, 1 - 1e-5))
         n = len(dataset["observations"])
         if args.chunk_len > n:  # the chunk sampler would index before the first row
             raise SystemExit(f"error: --chunk-len {args.chunk_len} is longer than the dataset ({n} rows); lower "
@@ -862,10 +845,8 @@ class Run:
               f"steps, networks {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, "
               f"N = {args.num_candidates}, on {self.device}; a time estimate follows the first 200 updates")
         if self.device.type == "cpu" and args.offline_steps + args.online_steps >= 1_000_000:
-            print("[mvp] note: the paper's budget on a CPU takes days (about 4 updates/s at 4x512 on one core). For a "
-                  "first run, the README's CPU recipe shows learning in about an hour: python mvp.py --env "
-                  "cube-single-task1 --hidden-dim 256 --num-layers 2 --dataset-episodes 150 --offline-steps 15000 "
-                  "--online-steps 15000 --eval-interval 5000 --threads 1")
+            print("[mvp] note: the paper's budget takes days on a CPU (about 4 updates/s at 4x512); the README's CPU "
+                  "recipe (cube-single-task1, 2x256, 15k + 15k steps) shows learning in 1-2 hours")
         self.buffer, self.dataset_rows = ReplayBuffer(dataset, n + args.online_steps, self.device), n
         # a checkpoint in float32: policy and critic with Adam's two moments, the target critic, the online rows
         nets = [3 * p.numel() for m in (self.learner.policy, self.learner.critic) for p in m.parameters()]
@@ -875,7 +856,7 @@ class Run:
                                                                        episode_length=0, episode_success=float("nan")))
         self.evals, self.rates, self.signal, self.failure = [], {}, 0, None
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite update
-        self.segments = []  # how each stretch of the run ran (a --resume may change HOW_FLAGS), oldest first
+        self.segments = list(resume.get("segments", [])) if resume else []  # how each stretch ran (HOW_FLAGS)
         if resume is not None:
             self.restore(resume)
         self.segments.append(dict(from_offline_step=self.pos["offline"], from_online_step=self.pos["online"],
@@ -902,10 +883,9 @@ class Run:
         for k, v in rows.items():
             self.buffer.store[k][size:size + len(v)] = v.to(self.device)
         self.buffer.size = size + len(rows["obs"])
-        if len(rows["obs"]):  # the resumed run starts a new episode: the saved one ends at its last row, whenever
-            self.buffer.store["terminals"][self.buffer.size - 1] = 1.0  # the signal came, so no chunk spans the seam
+        # a resumed run starts a new episode: the saved one (or the dataset's last) ends at its last row, however late
+        self.buffer.store["terminals"][self.buffer.size - 1] = 1.0
         self.pos, self.evals = state["pos"], list(state["evals"])
-        self.segments = list(state.get("segments", []))
         for phase in ("offline", "online"):
             truncate_csv(os.path.join(self.dir, f"{phase}.csv"), lambda r: int(r["step"]) <= self.pos[phase])
         kept = {(str(e["step"]), e["phase"]) for e in self.evals}
@@ -913,8 +893,7 @@ class Run:
         print(f"[mvp] resumed at offline step {self.pos['offline']}, online step {self.pos['online']}")
 
     def phase(self, name: str, total: int):
-        """Yields the steps pos[name] + 1 .. total of a phase, with a progress bar. After each step the run saves
-        and stops if a signal or a failed evaluation asked for it."""
+        """Yields a phase's steps pos[name] + 1 .. total with a progress bar; after each, saves and stops if asked."""
         from tqdm import tqdm
         start, self.name = self.pos[name], name
         self.bar = tqdm(range(start + 1, total + 1), desc=name, unit="upd" if name == "offline" else "step",
@@ -993,8 +972,7 @@ class Run:
         # copies: a slice of the buffer is a view, and torch.save writes a view's whole storage (the dataset too)
         rows = {k: v[self.dataset_rows:self.buffer.size].to("cpu", copy=True) for k, v in self.buffer.store.items()}
         state = checkpoint_state(self.learner, self.args, self.task, pos=self.pos, evals=self.evals,
-                                 segments=self.segments,
-                                 rng=rng_states(self.gen, self.device), buffer_rows=rows,
+                                 segments=self.segments, rng=rng_states(self.gen, self.device), buffer_rows=rows,
                                  env_rng=dict(self.env.unwrapped.np_random.bit_generator.state))
         keep, tag = (0, None) if path else (KEEP_CHECKPOINTS, self.pos["offline"] + self.pos["online"])
         path = path or os.path.join(self.dir, "checkpoints", f"resume-{tag:010d}.pt")
@@ -1070,9 +1048,8 @@ def resume_args(args: Args) -> tuple[Args, dict]:
 
 
 def eval_only(args: Args) -> dict:
-    """Evaluate a saved policy on the env it was trained on, as trained: only N (--num-candidates) and how the
-    evaluation runs (device, CUDA graphs, workers) may differ from the run's settings. The episodes are the run's
-    own (its --seed and --eval-episodes) unless given now, so on a CPU this repeats the run's last evaluation."""
+    """Evaluate a saved policy as trained (only N and how the evaluation runs may change) on the run's own episodes
+    (its --seed, --eval-episodes) unless given: on a CPU this repeats the run's last evaluation number for number."""
     device = pick_device(args.device, args.threads, args.matmul_precision)
     try:
         ckpt = load_checkpoint(args.checkpoint)

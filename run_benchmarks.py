@@ -255,11 +255,15 @@ def speed(opts) -> dict:
     p_ms, c_ms = statistics.median(parts["policy_call_ms"]), statistics.median(parts["critic_call_ms"])
     out["latency_parts"] = dict(policy_call_ms=p_ms, critic_call_ms=c_ms,
                                 flow10_latency_ratio_ceiling=latency_ceiling(p_ms, c_ms, 10))
-    md = speed_markdown(out)
-    os.makedirs(opts.out_dir, exist_ok=True)
-    with open(os.path.join(opts.out_dir, "speed.json"), "w") as f:
+    return write_table(opts.out_dir, "speed", out, speed_markdown(out))
+
+
+def write_table(out_dir: str, name: str, out: dict, md: str) -> dict:
+    """<out_dir>/<name>.json and <name>.md, and the markdown printed; returns out."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(out, f, indent=1)
-    with open(os.path.join(opts.out_dir, "speed.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
     return out
@@ -405,15 +409,8 @@ def latency(opts) -> dict:
                            round=opts.round, sizes=opts.sizes, methods=opts.methods, runtimes=opts.runtimes),
                matmul_gflops=rate, rows=list(rows.values()), leads=leads)
     out["aims"] = latency_aims(out)
-    md = latency_markdown(out)
-    os.makedirs(opts.out_dir, exist_ok=True)
-    with open(os.path.join(opts.out_dir, "latency.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    with open(os.path.join(opts.out_dir, "latency.md"), "w") as f:
-        f.write(md)
-    print(md)
     shutil.rmtree(folder, ignore_errors=True)
-    return out
+    return write_table(opts.out_dir, "latency", out, latency_markdown(out))
 
 
 def latency_aims(out: dict) -> list[dict]:

@@ -49,6 +49,12 @@ class CUDAGraphed:
         return self.out
 
 
+def in_range(x: float, spec: str) -> bool:
+    """x in an interval written "[lo, hi)", "(0, 1]", ... (the ranges of mvp.py's Args)."""
+    lo, hi = (float(v) for v in spec[1:-1].split(","))
+    return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
+
+
 def seed_everything(seed: int, device) -> torch.Generator:
     """Seeds Python's, NumPy's and torch's global streams; returns the run's own generator on `device`."""
     random.seed(seed)

@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
@@ -271,6 +273,29 @@ def test_one_step_is_noise_plus_mean_velocity_over_0_1():
     obs, eps = torch.randn(5, 2), torch.randn(5, 3) * 0.1
     expected = (eps + policy(obs, eps, torch.zeros(5, 1), torch.ones(5, 1))).clamp(-1, 1)
     assert torch.allclose(mvp.one_step(policy, obs, eps), expected)
+
+
+def test_critic_layer_norm_has_flaxs_epsilon():
+    """Dense -> GELU -> LayerNorm(eps 1e-6, Flax's default [QC]) -> affine, per member: on activations whose
+    variance is near 1e-6 the two epsilons give visibly different outputs."""
+    torch.manual_seed(0)
+    critic = mvp.CriticEnsemble(3, 2, hidden_dim=16, num_layers=1, num_members=2)
+    with torch.no_grad():
+        critic.layers[0].weight.mul_(1e-3)
+        critic.layers[0].bias.zero_()
+    obs, a = torch.randn(8, 3), torch.randn(8, 2)
+
+    def by_hand(eps):
+        x = torch.cat([obs, a], dim=-1).expand(2, -1, -1)
+        h = F.gelu(torch.baddbmm(critic.layers[0].bias, x, critic.layers[0].weight))
+        h = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+        h = h * critic.norm_scale[0] + critic.norm_shift[0]
+        return torch.baddbmm(critic.head.bias, h, critic.head.weight).squeeze(-1)
+
+    with torch.no_grad():
+        q, flax, torch_default = critic(obs, a), by_hand(1e-6), by_hand(1e-5)
+    torch.testing.assert_close(q, flax, atol=1e-5, rtol=1e-4)
+    assert (q - torch_default).abs().max() > 1e-2
 
 
 def test_critic_ensemble_members_are_independent_and_shaped():
@@ -1505,6 +1530,12 @@ def test_unwritable_run_dir_and_full_disk_are_reported_before_training(data_dir,
     run = mvp.Run(mvp.parse_args([*TINY, "--dataset-dir", single_dir, "--device", "cpu", "--run-dir",
                                   str(tmp_path / "ok")]), resume=None)  # small networks fit
     mvp.set_stop_handlers(run.previous_handlers)
+    # [QC] the dataset's actions are clipped to +-(1 - 1e-5) as they are loaded; the checksum is the file's
+    actions = prepare_ogbench.load_dataset(SINGLE, single_dir)["actions"]
+    assert np.abs(actions).max() == 1.0 and run.task["dataset"]["crc32"] == zlib.crc32(actions.tobytes())
+    loaded = run.buffer.store["actions"][:len(actions)].numpy()
+    assert np.abs(loaded).max() == np.float32(1 - 1e-5)
+    assert np.array_equal(loaded, np.clip(actions, -1 + 1e-5, 1 - 1e-5))
 
 
 def test_dataset_with_pickled_objects_is_refused(data_dir, tmp_path):
