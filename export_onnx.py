@@ -251,11 +251,140 @@ def split_ensemble_matmuls(model) -> int:
     return split
 
 
+def fold_constants(model) -> dict[str, int]:
+    """Three exact-up-to-rounding folds that leave onnxruntime fewer, cheaper nodes (at 2x256 a node's dispatch
+    costs about what its arithmetic does):
+    - a LayerNormalization followed only by a Mul and an Add of constant per-feature vectors (the critic's
+      per-member affine, once split) takes them as its own scale and bias;
+    - Concat inputs that are a constant broadcast, one column wide (one_step's t = 0 and r = 1, an Euler
+      step's t), leave the Concat when a Gemm is its one reader: their columns of the weight fold into its bias;
+    - the mean over K split critic heads (K Gemms of (rows, hidden) by (hidden, 1), stacked, squeezed,
+      ReduceMean over K) becomes one Gemm of the members' concatenated features by the stacked head weights / K.
+    Returns how many of each it folded."""
+    from onnx import helper, numpy_helper, shape_inference
+    graph = model.graph
+    consts = {w.name: numpy_helper.to_array(w) for w in graph.initializer}
+    width = {}  # the static last dimension of each value, where shape inference knows it
+    for v in list(shape_inference.infer_shapes(model).graph.value_info) + list(graph.input):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            width[v.name] = dims[-1].dim_value
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    only_reader = lambda name: readers[name][0] if len(readers.get(name, [])) == 1 else None
+    folded = dict(layernorm_affine=0, constant_columns=0, mean_of_heads=0)
+
+    def const(name: str, value, dtype=np.float32) -> str:
+        consts[name] = np.ascontiguousarray(value, dtype=dtype)
+        graph.initializer.append(numpy_helper.from_array(consts[name], name))
+        return name
+
+    def vector(node, x: str, features: int):  # the constant other operand of node, as (features,), or None
+        other = next((i for i in node.input if i != x), None)
+        c = consts.get(other)
+        return None if c is None or c.size != features or c.shape[-1] != features else c.reshape(features)
+
+    def scalar_value(name: str):  # the value every entry of `name` has, where the graph makes it a constant
+        if name in consts:
+            return float(consts[name].reshape(())) if consts[name].size == 1 else None
+        node = producer.get(name)
+        if node is not None and node.op_type == "Expand":
+            return scalar_value(node.input[0])
+        if node is not None and node.op_type in ("Add", "Mul"):
+            a, b = (scalar_value(i) for i in node.input)
+            if a is not None and b is not None:
+                return a + b if node.op_type == "Add" else a * b
+        return None
+
+    for node in list(graph.node):
+        if node.op_type == "LayerNormalization" and len(node.input) >= 2 and node.input[1] in consts:
+            features = consts[node.input[1]].size
+            mul = only_reader(node.output[0])
+            add = only_reader(mul.output[0]) if mul is not None and mul.op_type == "Mul" else None
+            if add is None or add.op_type != "Add":
+                continue
+            scale, shift = vector(mul, node.output[0], features), vector(add, mul.output[0], features)
+            if scale is None or shift is None:
+                continue
+            bias = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(features)
+            name = node.output[0]
+            node.input[:] = [node.input[0], const(name + "_scale", consts[node.input[1]] * scale),
+                             const(name + "_bias", bias * scale + shift)]
+            node.output[0] = producer[add.output[0]] = add.output[0]
+            graph.node.remove(mul)
+            graph.node.remove(add)
+            folded["layernorm_affine"] += 1
+        elif node.op_type == "Concat" and (gemm := only_reader(node.output[0])) is not None:
+            attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+            fixed = [(i, scalar_value(x)) for i, x in enumerate(node.input) if width.get(x) == 1]
+            fixed = [(i, v) for i, v in fixed if v is not None]
+            ok = gemm.op_type == "Gemm" and gemm.input[0] == node.output[0] and attrs.get("transB") == 1 \
+                and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and gemm.input[1] in consts
+            if not ok or not fixed or len(fixed) == len(node.input) or any(x not in width for x in node.input):
+                continue
+            starts = np.cumsum([0] + [width[x] for x in node.input])
+            w = consts[gemm.input[1]]  # (out, in)
+            b = consts[gemm.input[2]] if len(gemm.input) > 2 else np.zeros(w.shape[0], np.float32)
+            b = b + sum(v * w[:, starts[i]] for i, v in fixed)
+            keep = [i for i in range(len(node.input)) if i not in dict(fixed)]
+            cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in keep])
+            node.input[:] = [node.input[i] for i in keep]
+            name = gemm.output[0]
+            gemm.input[:] = [node.output[0], const(name + "_weight", w[:, cols]), const(name + "_bias", b)]
+            folded["constant_columns"] += len(fixed)
+        elif node.op_type == "ReduceMean":
+            squeeze = producer.get(node.input[0])
+            stack = producer.get(squeeze.input[0]) if squeeze is not None and squeeze.op_type == "Squeeze" else None
+            if stack is None or stack.op_type != "Concat" or any(only_reader(x) is None for x in
+                                                                  (squeeze.input[0], stack.output[0])):
+                continue
+            ups = [producer.get(x) for x in stack.input]
+            heads = [producer.get(u.input[0]) if u is not None and u.op_type == "Unsqueeze" else None for u in ups]
+            axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+            if axes is None or axes.tolist() != [0] or any(h is None or h.op_type != "Gemm" or len(h.input) < 3
+                                                           or h.attribute or h.input[1] not in consts for h in heads):
+                continue
+            K = len(heads)
+            if any(consts[h.input[1]].shape[1] != 1 or only_reader(h.output[0]) is None for h in heads):
+                continue
+            name = node.output[0]
+            joined = helper.make_node("Concat", [h.input[0] for h in heads], [name + "_features"], axis=-1)
+            w = np.concatenate([consts[h.input[1]] for h in heads]) / K  # (K * hidden, 1)
+            b = np.mean([consts[h.input[2]] for h in heads], axis=0)
+            gemm = helper.make_node("Gemm", [name + "_features", const(name + "_weight", w), const(name + "_bias", b)],
+                                    [name + "_rows"])
+            flat = helper.make_node("Squeeze", [name + "_rows", const(name + "_axis", [1], np.int64)], [name])
+            at = list(graph.node).index(node)
+            graph.node.remove(node)
+            for k, new in enumerate((joined, gemm, flat)):
+                graph.node.insert(at + k, new)
+            folded["mean_of_heads"] += 1
+    drop_unread(graph)
+    del graph.value_info[:]  # shapes of rewritten values (a narrower Concat); onnxruntime infers them again
+    return folded
+
+
+def drop_unread(graph):
+    """Removes the nodes and initializers that no graph output depends on any more."""
+    wanted, kept = {o.name for o in graph.output}, []
+    for node in reversed(list(graph.node)):
+        if wanted & set(node.output):
+            kept.append(node)
+            wanted.update(node.input)
+    inits = [i for i in graph.initializer if i.name in wanted]
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(inits)
+    graph.node.extend(reversed(kept))
+
+
 def export_module(module: nn.Module, example: tuple, input_names: list[str], output_names: list[str], path: str,
-                  meta: dict[str, str] | None = None, batch_inputs: int = 0, split_ensembles: bool = True) -> str:
+                  meta: dict[str, str] | None = None, batch_inputs: int = 0, rewrite: bool = True) -> str:
     """torch.onnx.export's dynamo exporter -> one self-contained .onnx file (weights inside), written atomically,
-    with `meta` as its metadata_props and (split_ensembles) the critic ensemble's layers member by member. The
-    first `batch_inputs` inputs share a dynamic leading dimension, B."""
+    with `meta` as its metadata_props and (rewrite) the critic ensemble's layers member by member, then
+    fold_constants' folds. The first `batch_inputs` inputs share a dynamic leading dimension, B."""
     import onnx
     check_writable(path)
     batch = torch.export.Dim("batch")
@@ -266,8 +395,9 @@ def export_module(module: nn.Module, example: tuple, input_names: list[str], out
                                         output_names=output_names, dynamic_shapes=shapes, external_data=False,
                                         verbose=False)
         model = program.model_proto
-        if split_ensembles:
+        if rewrite:
             split_ensemble_matmuls(model)
+            fold_constants(model)
         onnx.helper.set_model_props(model, meta or {})
         onnx.checker.check_model(model)
         onnx.save(model, path + ".tmp")
@@ -281,11 +411,11 @@ def export_module(module: nn.Module, example: tuple, input_names: list[str], out
 
 
 def export_policy(learner: mvp.Learner, args: mvp.Args, obs_dim: int, path: str, meta: dict[str, str],
-                  split_ensembles: bool = True) -> str:
+                  rewrite: bool = True) -> str:
     """The acting step of `learner` at N = args.num_candidates as `path`."""
     example = (torch.zeros(2, obs_dim), torch.zeros(2, args.num_candidates, learner.policy.act_dim))
     return export_module(ActingStep(learner, args.chunk_len).eval(), example, ["obs", "noise"], ["chunk", "scores"],
-                         path, meta, batch_inputs=2, split_ensembles=split_ensembles)
+                         path, meta, batch_inputs=2, rewrite=rewrite)
 
 
 # ---- the checks: the same chunks as mvp.best_of_n on states, the same episodes as mvp.py --eval-only -------------

@@ -56,18 +56,18 @@ class OnnxPolicy:
 
     def act(self, obs, noise=None) -> np.ndarray:
         """The chunk (h, action_dim) for one observation (obs_dim,); noise (N, A) or drawn here."""
-        obs = self._array(obs, "observation", (self.obs_dim,))
-        noise = None if noise is None else self._array(noise, "noise", (self.num_candidates, self.act_dim))[None]
-        return self.act_batch(obs[None], noise)[0][0]
+        obs = self._array(obs, "observation", (self.obs_dim,))[None]
+        noise = (self.rng.standard_normal((1, self.num_candidates, self.act_dim), dtype=np.float32) if noise is None
+                 else self._array(noise, "noise", (self.num_candidates, self.act_dim))[None])
+        return self.session.run(["chunk"], {"obs": obs, "noise": noise})[0][0]
 
     def act_batch(self, obs, noise=None) -> tuple[np.ndarray, np.ndarray]:
         """Chunks (B, h, action_dim) and the candidates' mean critic scores (B, N) for observations (B, obs_dim);
         noise (B, N, A), or drawn from this policy's numpy Generator."""
         obs = self._array(obs, "observations", (None, self.obs_dim))
         shape = (obs.shape[0], self.num_candidates, self.act_dim)
-        if noise is None:
-            noise = self.rng.standard_normal(shape, dtype=np.float32)
-        noise = self._array(noise, "noise", shape)
+        noise = (self.rng.standard_normal(shape, dtype=np.float32) if noise is None
+                 else self._array(noise, "noise", shape))
         chunk, scores = self.session.run(["chunk", "scores"], {"obs": obs, "noise": noise})
         return chunk, scores
 

@@ -1271,6 +1271,10 @@ def test_speed_compares_bfloat16_selection_on_cpu_and_refuses_graph_modes(tmp_pa
 def test_latency_ceiling_formula():
     assert run_benchmarks.latency_ceiling(1.0, 0.0, 10) == 10.0  # a free critic: K policy calls against 1
     assert run_benchmarks.latency_ceiling(1.0, 2.0, 10) == 4.0  # (10 + 2) / (1 + 2)
+    # o = 0.5 of each timed call is the runtime's cost of a run, paid once per step: (10 * 0.5 + 1.5 + 0.5) / 2.5
+    assert run_benchmarks.latency_ceiling(1.0, 2.0, 10, 0.5) == pytest.approx(7.0 / 2.5)
+    # a first policy call of 3 (cold caches) then 9 of 1: (3 + 9 + 2) / (3 + 2)
+    assert run_benchmarks.latency_ceiling(1.0, 2.0, 10, 0.0, 3.0) == pytest.approx(14.0 / 5.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2465,10 +2469,18 @@ def test_onnx_export_is_one_file_holding_the_whole_acting_step_and_its_metadata(
         assert {v.name: shape(v) for v in model.graph.output} == {"chunk": ["batch", 5, 5], "scores": ["batch", 32]}
         ops = Counter(n.op_type for n in model.graph.node)
         # the critic and the selection are in the graph, the critic member by member (K = 2): a LayerNorm per
-        # hidden layer and member, the mean over K, one ArgMax
-        assert ops["LayerNormalization"] == 2 * 2 and ops["ReduceMean"] == 1 and ops["ArgMax"] == 1
-        # 3 Gemms per policy call (10 Euler steps unrolled for flow10), 3 per critic member
-        assert ops["Gemm"] == (3 if method == "mvp" else 30) + 3 * 2 and ops["MatMul"] == 0
+        # hidden layer and member holding its member's affine, one ArgMax
+        assert ops["LayerNormalization"] == 2 * 2 and ops["ArgMax"] == 1 and ops["MatMul"] == 0
+        assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "LayerNormalization")
+        # 3 Gemms per policy call (10 Euler steps unrolled for flow10), 2 per critic member, and the members' heads
+        # with the mean over K as one Gemm
+        calls = 1 if method == "mvp" else 10
+        assert ops["Gemm"] == 3 * calls + 2 * 2 + 1 and ops["ReduceMean"] == 0
+        # each policy call's t and r columns are folded into its first layer's bias: it reads obs and a_t only
+        inits = {w.name: w for w in model.graph.initializer}
+        firsts = [inits[n.input[1]].dims for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in inits
+                  and inits[n.input[1]].dims[1] in (28 + 25, 28 + 25 + 2)]
+        assert firsts == [[32, 28 + 25]] * calls
 
 
 @pytest.mark.parametrize("method", ["mvp", "flow10"])
@@ -2654,7 +2666,7 @@ def test_onnx_latency_subcommand_writes_its_table(tmp_path, one_thread):
     rows = {(r["method"], r["runtime"]): r for r in out["rows"]}
     assert set(rows) == {(m, rt) for m in ("mvp", "flow10") for rt in ("torch eager", "onnxruntime")}
     for r in rows.values():
-        assert r["calls"] == 6 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["calls"] == 6 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"] and r["p99_over_p50_in_round"] >= 1
         assert r["ideal_ms"] == pytest.approx(1e3 * r["macs"] / (out["matmul_gflops"] * 1e9 / 2))
         assert r["x_ideal"] == pytest.approx(r["p50_ms"] / r["ideal_ms"])
     # multiply-adds from the layer shapes (cube-double: observations of 37, chunks of 25): N = 32 rows through
@@ -2664,8 +2676,12 @@ def test_onnx_latency_subcommand_writes_its_table(tmp_path, one_thread):
     assert rows["flow10", "torch eager"]["macs"] == 32 * (10 * policy + critic)
     assert rows["mvp", "torch eager"]["speedup_vs_eager"] == 1.0
     for lead in out["leads"]:
-        assert lead["ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(lead["policy_call_ms"],
-                                                                               lead["critic_call_ms"], 10))
+        assert lead["ceiling"] == pytest.approx(run_benchmarks.latency_ceiling(
+            lead["policy_call_ms"], lead["critic_call_ms"], 10, lead["per_run_ms"]))
+        assert lead["ceiling_in_step"] == pytest.approx(run_benchmarks.latency_ceiling(
+            lead["policy_call_ms"], lead["critic_alt_ms"], 10, lead["per_run_ms"], lead["policy_alt_ms"]))
+        assert (lead["per_run_ms"] == 0) == (lead["runtime"] == "torch eager")  # onnxruntime's run is timed
+        assert lead["per_run_ms"] < lead["policy_call_ms"]
         assert lead["flow10_over_mvp"] == pytest.approx(rows["flow10", lead["runtime"]]["p50_ms"]
                                                         / rows["mvp", lead["runtime"]]["p50_ms"])
     assert {a["aim"].split(":")[0] for a in out["aims"]} >= {"mvp 1x16 onnxruntime", "1x16"}
