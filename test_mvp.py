@@ -4,6 +4,7 @@ Run: python -m pytest -q -n 2 test_mvp.py   (CPU, two pytest-xdist workers; abou
 """
 import csv
 import functools
+import gc
 import inspect
 import json
 import math
@@ -22,6 +23,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import submitit  # noqa: F401  (its import runs logging.config.dictConfig, which closes every logging handler there
+# is: absl's, once an in-process run made one, then closes the stream it holds, pytest's capture, unless this import
+# came first)
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -757,18 +761,19 @@ def test_the_first_online_log_row_counts_only_the_steps_since_updates_began(sing
         env = make_env(name)
         if not made:  # the first env built is the training env
             step = env.step
-            env.step = lambda action: (time.sleep(0.01) if len(made) < 100 else None, made.append(1), step(action))[-1]
+            env.step = lambda action: (time.sleep(0.02) if len(made) < 100 else None, made.append(1), step(action))[-1]
             made.append(1)
         return env
 
     monkeypatch.setattr(prepare_ogbench, "make_env", make_slow_before_training)
     run = tmp_path / "run"
+    gc.collect()  # what earlier tests left is not collected inside the rows timed here (it once took 0.5 s there)
     mvp.main([*TINY, "--dataset-dir", single_dir, "--offline-steps", "0", "--online-steps", "200",
               "--start-training", "101", "--eval-interval", "0", "--run-dir", str(run), "--threads", "1"])
     first, second = read_csv(run / "online.csv")
     assert (first["step"], second["step"]) == ("150", "200")
-    for k in ("updates_per_s", "env_steps_per_s"):  # before: the first row's about 1 / 10 of the second's
-        assert float(first[k]) > 0.5 * float(second[k]), (k, first[k], second[k])
+    for k in ("updates_per_s", "env_steps_per_s"):  # before: the first row's about 1 / 20 of the second's
+        assert float(first[k]) > 0.3 * float(second[k]), (k, first[k], second[k])
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
