@@ -142,6 +142,19 @@ def check_writable(path: str):
         raise SystemExit(f"error: cannot write {path} ({e.strerror}); pass an --out in a writable folder")
 
 
+def drop_unread(graph):
+    """Removes the nodes and initializers that no graph output depends on any more."""
+    wanted, kept = {o.name for o in graph.output}, []
+    for node in reversed(list(graph.node)):
+        if wanted & set(node.output):
+            kept.append(node)
+            wanted.update(node.input)
+    inits = [i for i in graph.initializer if i.name in wanted]
+    del graph.initializer[:], graph.node[:]
+    graph.initializer.extend(inits)
+    graph.node.extend(reversed(kept))
+
+
 MEMBERWISE = {"Gelu", "Relu", "Tanh", "Sigmoid", "LayerNormalization", "Add", "Sub", "Mul", "Div"}  # per element
 
 
@@ -238,16 +251,10 @@ def split_ensemble_matmuls(model) -> int:
         nodes.append(node)
     for out in graph.output:
         stack(out.name)
-    wanted, kept = {o.name for o in graph.output}, []
-    for node in reversed(nodes):  # drop what nothing reads any more
-        if wanted & set(node.output):
-            kept.append(node)
-            wanted.update(node.input)
-    inits = [i for i in graph.initializer if i.name in wanted]
-    inits += [numpy_helper.from_array(v, k) for k, v in added.items() if k in wanted]
-    del graph.initializer[:], graph.node[:]
-    graph.initializer.extend(inits)
-    graph.node.extend(reversed(kept))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in added.items())
+    drop_unread(graph)  # the batched layers, and the copies of weights nothing reads
     return split
 
 
@@ -344,6 +351,10 @@ def fold_constants(model) -> dict[str, int]:
             ups = [producer.get(x) for x in stack.input]
             heads = [producer.get(u.input[0]) if u is not None and u.op_type == "Unsqueeze" else None for u in ups]
             axes = consts.get(node.input[1]) if len(node.input) > 1 else None
+            kept_dims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+            squeezed = consts.get(squeeze.input[1]) if len(squeeze.input) > 1 else None  # (K, rows, 1) -> (K, rows)
+            if squeezed is None or squeezed.tolist() not in ([-1], [2]) or kept_dims != 0:
+                continue
             if axes is None or axes.tolist() != [0] or any(h is None or h.op_type != "Gemm" or len(h.input) < 3
                                                            or h.attribute or h.input[1] not in consts for h in heads):
                 continue
@@ -365,19 +376,6 @@ def fold_constants(model) -> dict[str, int]:
     drop_unread(graph)
     del graph.value_info[:]  # shapes of rewritten values (a narrower Concat); onnxruntime infers them again
     return folded
-
-
-def drop_unread(graph):
-    """Removes the nodes and initializers that no graph output depends on any more."""
-    wanted, kept = {o.name for o in graph.output}, []
-    for node in reversed(list(graph.node)):
-        if wanted & set(node.output):
-            kept.append(node)
-            wanted.update(node.input)
-    inits = [i for i in graph.initializer if i.name in wanted]
-    del graph.initializer[:], graph.node[:]
-    graph.initializer.extend(inits)
-    graph.node.extend(reversed(kept))
 
 
 def export_module(module: nn.Module, example: tuple, input_names: list[str], output_names: list[str], path: str,

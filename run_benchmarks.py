@@ -319,9 +319,9 @@ def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
 # critic layer)
 PARTS = ("policy", "critic", "run")  # a policy call, a critic-ensemble call, onnxruntime's cost of one run
 RUNTIMES = {"eager": "torch eager", "onnx": "onnxruntime", "onnx-batched": "onnxruntime, as exported"}
-# untimed calls before each row's round: after another row's round the first calls of a 2x256 step ran 1.95, 1.59,
-# 1.42, ... 1.06x the median (the 8th), caches and predictors filled by the other graph (measured: flow10 4x512
-# rounds between them); so each round times the step in its steady state, as back-to-back calls run it
+# untimed calls before each row's round: after another row's round the first calls of a 2x256 step ran 1.9-2.2,
+# 1.6-1.8, 1.4-1.6, ... 1.05x the median (the 8th; two one-off measurements with exported flow10 4x512 rounds between
+# them): caches and predictors filled by the other graph; so each round times the step as back-to-back calls run it
 WARMUP = 10
 MATMUL = 1024  # the size of the square float32 products that measure the core's matmul rate
 
