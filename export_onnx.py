@@ -484,7 +484,7 @@ def max_gap(a: list, b: list, upto: int | None = None) -> np.ndarray:
 def episode_parity(learner: mvp.Learner, policy, env, seeds: list[int], discount: float = 0.99,
                    tol: float = 1e-5, nudge: float = 2.0 ** -23) -> list[dict]:
     """Each seed's episode by mvp.run_episode (what mvp.py --eval-only runs: the candidate noise from
-    learner.eval_generator seeded with the episode's seed, torch.randn(N, A) per chunk) and by the exported step
+    an Actor's eval_generator seeded with the episode's seed, torch.randn(N, A) per chunk) and by the exported step
     through `policy` (onnx_policy.OnnxPolicy), fed the same numbers.
 
     Per episode: success and steps of both; at every chunk of the ONNX episode, mvp.best_of_n on the very same
@@ -497,7 +497,8 @@ def episode_parity(learner: mvp.Learner, policy, env, seeds: list[int], discount
         runs = {}
         for name, shift in (("torch", 0.0), ("nudged", nudge)):
             rec = Recorder(env, shift)
-            ep = mvp.run_episode(learner, rec, seed, N, h, discount, cpu, learner.eval_generator.manual_seed(seed))
+            actor = mvp.Actor(learner, cpu)
+            ep = mvp.run_episode(actor, rec, seed, N, h, discount, actor.eval_generator.manual_seed(seed))
             runs[name] = (rec.actions, ep["success_rate"])
         gen, ref_gen = torch.Generator().manual_seed(seed), torch.Generator()
         obs, _ = env.reset(seed=seed)

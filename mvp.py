@@ -7,15 +7,10 @@ velocity constraint (IVC) pins the boundary u(a, t, t) = v that the identity alo
 policy only imitates; a Q-critic ensemble improves behaviour by picking the best of N one-step
 candidates, offline on a dataset and then online.
 
-Commands:
-    python mvp.py --env cube-double              # paper protocol, OGBench's default task (task 2); days on a CPU
-    python mvp.py --env cube-single-task1 --hidden-dim 256 --num-layers 2 --dataset-episodes 150 \
-        --offline-steps 15000 --online-steps 15000 --eval-interval 5000 --threads 1   # about an hour on 2 cores
-    python mvp.py --env cube-double --policy flow --flow-steps 10   # Q-chunking's flow baseline
-    python mvp.py --resume runs/<run>            # continue an interrupted (or finished) run
+Commands (README.md has them all, with their cost and result):
+    python mvp.py --env cube-double    # the paper's protocol, OGBench's default task 2; it states its cost first
+    python mvp.py --resume runs/<run>  # continue an interrupted (or finished) run
     python mvp.py --eval-only --checkpoint runs/<run>/checkpoint.pt
-    python prepare_ogbench.py --env cube-double  # make OGBench's play data without a download
-    python prepare_robomimic.py lift             # scripted robomimic demos (not the paper's data)
 
 Time convention (the paper's, also flow-policy code's): noise at t = 0, action at t = 1.
 
@@ -28,10 +23,13 @@ Paper symbol -> code name
     t <= r               t, r (shape (B, 1))
     u_theta(a_t, t, r|s) policy(obs, a_t, t, r)         class MeanVelocityNet
     du/dt                dudt, from one torch.func.jvp call with tangents (v, 1, 0)
-    L_MF, L_IVC, lambda  mean_flow_loss, ivc_loss, args.ivc_coef
+    L_MF, L_IVC, lambda  mean_flow_loss, ivc_loss, hp.ivc_coef
     Q_k(s, a), K         critic(obs, a) -> (K, B)        class CriticEnsemble
-    N, a*                args.num_candidates, best_of_n(...)
-    h, gamma, tau        args.chunk_len, args.discount, args.tau
+    N, a*                hp.num_candidates, best_of_n(...), act(...) for one observation
+    h, gamma, tau        hp.chunk_len, hp.discount, hp.tau (hp: class Hyperparams, the paper's defaults)
+
+Copying the method into your own loop: everything above the fence runs without the command line's Args and
+without run_utils.py: Hyperparams, new_learner, ReplayBuffer, train_step and act (examples/pendulum.py).
 """
 from __future__ import annotations
 
@@ -41,9 +39,7 @@ import functools
 import json
 import math
 import os
-import re
 import shutil
-import signal
 import sys
 import time
 import zlib
@@ -57,68 +53,78 @@ import torch.nn.functional as F
 
 import prepare_ogbench  # OGBench's tasks, data and envs (these three files never import this one)
 import prepare_robomimic  # robomimic's
-from run_utils import (KEEP_CHECKPOINTS, CUDAGraphed, append_csv, check_disk_space, check_run_dir, cpu_has_bfloat16,
-                       in_range, load_checkpoint, map_in_processes, new_run_dir, newest_checkpoint, rng_states,
-                       save_checkpoint, seed_everything, set_rng_states, set_stop_handlers, truncate_csv)  # no MVP
+from run_utils import (CUDAGraphed, KEEP_CHECKPOINTS, StopRequest, append_csv, calls_per_second, check_disk_space,
+                       check_run_dir, cpu_has_bfloat16, dataclass_parser, eval_processes, load_state_dicts,
+                       lock_run_dir, map_in_processes, new_run_dir, newest_checkpoint, out_of_memory, out_of_range,
+                       pick_device, plan_line, read_checkpoint, release_run_dirs, rng_states, save_checkpoint,
+                       seed_everything, set_rng_states, truncate_csv, write_json)  # they know nothing of MVP
 
 
 # ================================================================================================
-# Arguments: every constant of the spec, with the spec's default and a one-line help.
+# Settings: the method's (Hyperparameters), then the command line's (Args = the method's + how a run runs)
 # ================================================================================================
-def arg(default, help: str, choices=None, range: str | None = None):
-    """A dataclass field with its --help text, allowed values and range ("[1, inf)", "(0, 1]"; parse_args checks)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, range=range))
+def arg(default, help: str, choices=None, range: str | None = None, how: bool = False):
+    """A dataclass field with its --help text, allowed values, range ("[1, inf)", "(0, 1]"; parse_args checks) and
+    whether it says how a run runs rather than what it computes (how=True: a resumed run may change it)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, range=range, how=how))
+
+
+@dataclass(frozen=True)
+class TimeSampler:
+    """How L_MF draws (t, r) with 0 <= t <= r <= 1 (sample_times) [choice: not given in the paper]."""
+    kind: str = "uniform"  # uniform (two sorted draws) | logit_normal (MeanFlow's) | gap_uniform (r - t ~ U(0, 1))
+    mu: float = -0.4  # logit-normal mean (MeanFlow's value)
+    sigma: float = 1.0  # logit-normal std (MeanFlow's value)
+    equal_frac: float = 0.0  # fraction of rows with r = t (MeanFlow's implicit boundary)
+    one_step_frac: float = 0.0  # fraction of rows with (t, r) = (0, 1), the very map acting uses
 
 
 @dataclass
-class Args:
-    env: str = arg("cube-double", "OGBench task, full name or alias (cube-single, cube-double = task 2, "
-                   "cube-triple-task4, ...), or robomimic lift | can | square")
-    seed: int = arg(0, "seed for networks, sampling and environments (--eval-only: the run's, unless given)")
-    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = arg(0, "CPU threads for torch (0: torch's default); 1 on a busy shared machine", range="[0, inf)")
-    cuda_graph: str = arg("auto", "replay updates and acting as CUDA graphs (auto: with CUDA)", ("auto", "on", "off"))
-    compile: bool = arg(False, "torch.compile the training step: fewer, fused kernels (compiling takes minutes)")
-    matmul_precision: str = arg("high", "CUDA float32 matmuls: high (TF32, as JAX) | highest", ("high", "highest"))
-    # protocol [QC]
-    offline_steps: int = arg(1_000_000, "offline gradient steps on the dataset", range="[0, inf)")
-    online_steps: int = arg(1_000_000, "online environment steps (1 update per step)", range="[0, inf)")
-    start_training: int = arg(5_000, "online updates begin at this env step [QC]", range="[0, inf)")
-    batch_size: int = arg(256, "minibatch size", range="[1, inf)")
-    lr: float = arg(3e-4, "Adam learning rate, actor and critic", range="(0, inf)")
+class Hyperparams:
+    """All the method's settings that new_learner, train_step and update read, with the paper's defaults; flags too."""
+    policy: str = arg("mvp", "mvp (one-step mean flow) | flow (Q-chunking's flow matching)", ("mvp", "flow"))
+    flow_steps: int = arg(10, "Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)", range="[1, inf)")
     hidden_dim: int = arg(512, "width of actor and critic MLPs", range="[1, inf)")
     num_layers: int = arg(4, "hidden layers of actor and critic MLPs", range="[1, inf)")
     num_critics: int = arg(2, "critic ensemble size K", range="[1, inf)")
+    lr: float = arg(3e-4, "Adam learning rate, actor and critic", range="(0, inf)")
+    batch_size: int = arg(256, "minibatch size", range="[1, inf)")
     discount: float = arg(0.99, "gamma", range="(0, 1]")
     tau: float = arg(0.005, "Polyak rate of the target critic", range="(0, 1]")
     chunk_len: int = arg(5, "action chunk length h", range="[1, inf)")
     num_candidates: int = arg(32, "best-of-N candidates N", range="[1, inf)")
-    bon_block: int = arg(-1, "states per best-of-N block in the critic target (same result, less memory; "
-                         "-1: 32 on CPU, all on CUDA; 0: all)", range="[-1, inf)")
-    select_dtype: str = arg("float32", "bfloat16: the critic target's N candidates under bfloat16 autocast "
-                            "(only fast where the hardware has bfloat16) [choice]", choices=("float32", "bfloat16"))
-    # policy: MVP, or the flow-matching baselines that share everything else
-    policy: str = arg("mvp", "mvp (one-step mean flow) | flow (Q-chunking's flow matching)", ("mvp", "flow"))
-    flow_steps: int = arg(10, "Euler steps of the flow baseline (10 = QC, 1 = its one-step variant)", range="[1, inf)")
-    # MVP policy loss [paper]
     ivc_coef: float = arg(1.0, "lambda on L_IVC; 0 is the paper's ablation", range="[0, inf)")
-    time_sampler: str = arg("uniform", "(t, r) sampler: uniform (two sorted draws) | logit_normal | gap_uniform "
-                            "(r - t ~ U(0, 1)) [choice]", choices=("uniform", "logit_normal", "gap_uniform"))
-    time_mu: float = arg(-0.4, "logit-normal mean (MeanFlow's value)")
-    time_sigma: float = arg(1.0, "logit-normal std (MeanFlow's value)")
-    equal_tr_frac: float = arg(0.0, "fraction of L_MF rows with r = t (MeanFlow's implicit boundary)", range="[0, 1]")
-    one_step_frac: float = arg(0.0, "fraction of L_MF rows with (t, r) = (0, 1) [choice]", range="[0, 1]")
-    imitation_target: str = arg("buffer", "online policy target: buffer chunks | best_of_n (a* recomputed)",
-                                ("buffer", "best_of_n"))
+    # the fields of TimeSampler, as flags
+    time_sampler: str = arg(TimeSampler.kind, "(t, r) sampler: uniform (two sorted draws) | logit_normal | "
+                            "gap_uniform (r - t ~ U(0, 1)) [choice]", ("uniform", "logit_normal", "gap_uniform"))
+    time_mu: float = arg(TimeSampler.mu, "logit-normal mean (MeanFlow's value)")
+    time_sigma: float = arg(TimeSampler.sigma, "logit-normal std (MeanFlow's value)")
+    equal_tr_frac: float = arg(TimeSampler.equal_frac, "fraction of L_MF rows with r = t (MeanFlow's implicit "
+                               "boundary)", range="[0, 1]")
+    one_step_frac: float = arg(TimeSampler.one_step_frac, "fraction of L_MF rows with (t, r) = (0, 1) [choice]",
+                               range="[0, 1]")
+
+    @property
+    def times(self) -> TimeSampler:
+        return TimeSampler(self.time_sampler, self.time_mu, self.time_sigma, self.equal_tr_frac, self.one_step_frac)
+
+
+@dataclass
+class Args(Hyperparams):
+    """The command line: the method's settings (above), the protocol, data, logs, then how the run runs."""
+    env: str = arg("cube-double", "OGBench task or alias (cube-double = task 2, cube-triple-task4), or lift|can|square")
+    seed: int = arg(0, "seed for networks, sampling and environments (--eval-only: the run's, unless given)")
+    # protocol [QC]
+    offline_steps: int = arg(1_000_000, "offline gradient steps on the dataset", range="[0, inf)")
+    online_steps: int = arg(1_000_000, "online environment steps (1 update per step)", range="[0, inf)")
+    start_training: int = arg(5_000, "online updates begin at this env step [QC]", range="[0, inf)")
+    imitation_target: str = arg("buffer", "online policy target: buffer chunks | best_of_n", ("buffer", "best_of_n"))
     # evaluation and logging
     eval_interval: int = arg(100_000, "evaluate every this many steps per phase (0: only at its end)", range="[0, inf)")
     eval_episodes: int = arg(50, "episodes per evaluation", range="[1, inf)")
-    eval_workers: int = arg(-1, "evaluation processes, each with a CPU copy of the networks (0: in this process; "
-                            "-1: 0 on CPU, one per spare core up to 16 with CUDA)", range="[-1, inf)")
     log_interval: int = arg(1_000, "write a CSV row every this many updates", range="[1, inf)")
     # data
-    dataset_dir: str | None = arg(None, "dataset directory (default OGBench's ~/.ogbench/data, robomimic's "
-                                  "~/.robomimic), or a robomimic .hdf5 file")
+    dataset_dir: str | None = arg(None, "dataset folder (default ~/.ogbench/data, ~/.robomimic) or robomimic .hdf5")
     generate_data: bool = arg(False, "OGBench: make the play data with OGBench's planner instead of downloading it")
     dataset_episodes: int | None = arg(None, "OGBench: episodes to generate (implies --generate-data); robomimic: "
                                        "the first N demos of the file", range="[1, inf)")
@@ -128,72 +134,24 @@ class Args:
     run_dir: str | None = arg(None, "output directory (default runs/<env>_s<seed>_<time>)")
     save_interval: int = arg(50_000, "resumable checkpoint every this many steps per phase and at its end (0: "
                              "none by steps)", range="[0, inf)")
-    save_minutes: float = arg(30.0, "also write one when this many minutes have passed since the last (0: never)",
-                              range="[0, inf)")
     resume: str | None = arg(None, "continue the run in this directory from its newest good checkpoint")
     checkpoint: str | None = arg(None, "checkpoint to evaluate with --eval-only")
     eval_only: bool = arg(False, "only evaluate --checkpoint")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser from the dataclass: one flag per field, with dashes."""
-    parser = argparse.ArgumentParser(description="MVP: mean velocity policy (offline-to-online RL).",
-                                     allow_abbrev=False)
-    for f in dataclasses.fields(Args):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta["choices"],
-                                help=f"{meta['help']} (default {f.default})")
-    return parser
-
-
-def parse_args(argv=None) -> Args:
-    """Parse the command line, then check every value's range and the combinations argparse cannot."""
-    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
-    args = Args(**vars(parser.parse_args(argv)))
-    args._explicit = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
-    problems = []
-    for f in dataclasses.fields(Args):
-        spec, value = f.metadata["range"], getattr(args, f.name)
-        if spec and value is not None and not in_range(value, spec):
-            bound = spec.replace("[", ">= ").replace("(", "> ").split(",")[0] if spec.endswith("inf)") else "in " + spec
-            problems.append(f"--{f.name.replace('_', '-')} must be {bound} (got {value})")
-    for name in ("threads", "data_workers", "eval_workers"):  # beyond the cores only slows a run (or fails to fork)
-        if getattr(args, name) > (os.cpu_count() or 1):
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is more than this machine's "
-                            f"{os.cpu_count()} cores")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        problems.append(f"--device must be auto, cpu or cuda (got {args.device!r})")
-    if args.cuda_graph == "on" and (args.device == "cpu" or not torch.cuda.is_available()):
-        problems.append("--cuda-graph on needs a CUDA device; use --cuda-graph auto (graphs only on CUDA) or off")
-    if args.eval_only and not args.checkpoint:
-        problems.append("--eval-only needs --checkpoint PATH")
-    if not args.eval_only:
-        try:
-            resolve_env_name(args.env)
-        except ValueError as e:
-            problems.append(str(e))
-    if problems:
-        parser.error("; ".join(problems))
-    return args
-
-
-def pick_device(name: str, threads: int = 0, matmul_precision: str = "high") -> torch.device:
-    """The one place that decides CPU vs CUDA, torch's CPU threads (on 2 busy cores 1 thread ran 7x faster
-    than 2: multi-threaded kernels stall waiting for each other) and whether CUDA matmuls may use TF32."""
-    if threads:
-        torch.set_num_threads(threads)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for, but torch sees no CUDA device "
-                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch.")
-    if name.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = matmul_precision == "high"
-    return torch.device(name)
+    # how the run runs: the same numbers (up to float rounding) whatever these are; a resumed run may change them
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N", how=True)
+    threads: int = arg(0, "CPU threads for torch (0: torch's default); 1 on a busy machine", range="[0, inf)", how=True)
+    cuda_graph: str = arg("auto", "updates and acting as CUDA graphs (auto: on CUDA)", ("auto", "on", "off"), how=True)
+    compile: bool = arg(False, "torch.compile the training step: fused kernels (compiling takes minutes)", how=True)
+    matmul_precision: str = arg("high", "CUDA matmuls: high (TF32, as JAX) | highest", ("high", "highest"), how=True)
+    bon_block: int = arg(-1, "states per best-of-N block in the critic target (same result, less memory; "
+                         "-1: 32 on CPU, all on CUDA; 0: all)", range="[-1, inf)", how=True)
+    select_dtype: str = arg("float32", "bfloat16: the critic target's N candidates under bfloat16 autocast "
+                            "(only fast where the hardware has bfloat16) [choice]", ("float32", "bfloat16"), how=True)
+    eval_workers: int = arg(-1, "evaluation processes, each with a CPU copy of the networks (0: in this process; "
+                            "-1: 0 on CPU, one per spare core up to 16 with CUDA)", range="[-1, inf)", how=True)
+    save_minutes: float = arg(30.0, "also a checkpoint this many minutes after the last (0: never)",
+                              range="[0, inf)", how=True)
+    given: tuple = field(default=(), metadata=dict(help=None))  # the flags given on the command line (parse_args)
 
 
 # ================================================================================================
@@ -264,29 +222,29 @@ class CriticEnsemble(nn.Module):
 # ================================================================================================
 # Mean-flow maths: (t, r) sampler, L_MF with one JVP, L_IVC
 # ================================================================================================
-def sample_times(batch_size: int, sampler: str, mu: float, sigma: float, equal_frac: float,
-                 generator: torch.Generator, device, one_step_frac: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_times(batch_size: int, times: TimeSampler, generator: torch.Generator,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw (t, r) with 0 <= t <= r <= 1, each of shape (B, 1) [choice: not given in the paper].
 
     uniform and logit_normal (MeanFlow's) sort two draws, so r - t > 0.9 is a 1% event, yet acting uses
     r - t = 1; gap_uniform draws r - t ~ U(0, 1), then t ~ U(0, 1 - gap). r != t almost surely, so only
     L_IVC pins the boundary; equal_frac sets r = t on that fraction of rows (MeanFlow's implicit boundary),
     one_step_frac (t, r) = (0, 1), the very map a = eps + u(eps, 0, 1) that acting uses."""
-    if sampler == "uniform":
+    if times.kind == "uniform":
         x = torch.rand(batch_size, 2, generator=generator, device=device)
         t, r = x.min(dim=1).values, x.max(dim=1).values
-    elif sampler == "logit_normal":
-        x = torch.sigmoid(mu + sigma * torch.randn(batch_size, 2, generator=generator, device=device))
+    elif times.kind == "logit_normal":
+        x = torch.sigmoid(times.mu + times.sigma * torch.randn(batch_size, 2, generator=generator, device=device))
         t, r = x.min(dim=1).values, x.max(dim=1).values
     else:  # gap_uniform
         x = torch.rand(batch_size, 2, generator=generator, device=device)
         t = (1 - x[:, 1]) * x[:, 0]
         r = (t + x[:, 1]).clamp(max=1.0)
-    if equal_frac > 0:
-        equal = torch.rand(batch_size, generator=generator, device=device) < equal_frac
+    if times.equal_frac > 0:
+        equal = torch.rand(batch_size, generator=generator, device=device) < times.equal_frac
         r = torch.where(equal, t, r)
-    if one_step_frac > 0:
-        one = torch.rand(batch_size, generator=generator, device=device) < one_step_frac
+    if times.one_step_frac > 0:
+        one = torch.rand(batch_size, generator=generator, device=device) < times.one_step_frac
         t, r = torch.where(one, 0.0, t), torch.where(one, 1.0, r)
     return t[:, None], r[:, None]
 
@@ -333,10 +291,11 @@ def ivc_loss(policy, obs, a1, eps, t, valid, chunk_len: int):
     return masked_mse(policy(obs, a_t, t, t), v, valid, chunk_len)  # Eq. L_IVC
 
 
-def policy_loss(policy, obs, a1, valid, ivc_coef: float, chunk_len: int, time_kw: dict, generator):
+def policy_loss(policy, obs, a1, valid, chunk_len: int, generator, ivc_coef: float = 1.0,
+                times: TimeSampler = TimeSampler()):
     """L_policy = L_MF + lambda * L_IVC on target chunks a1 (B, A). Returns (loss, info)."""
     eps = torch.randn(a1.shape, generator=generator, device=a1.device)
-    t, r = sample_times(a1.shape[0], generator=generator, device=a1.device, **time_kw)
+    t, r = sample_times(a1.shape[0], times, generator, a1.device)
     l_mf, u = mean_flow_loss(policy, obs, a1, eps, t, r, valid, chunk_len)
     with torch.set_grad_enabled(torch.is_grad_enabled() and ivc_coef > 0):  # lambda = 0: logged, no backward pass
         l_ivc = ivc_loss(policy, obs, a1, eps, t, valid, chunk_len)
@@ -378,7 +337,8 @@ def euler_sample(policy, obs, eps, steps: int):
 def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=one_step, block: int = 0):
     """Generate N candidates per state with `sample` (MVP: one_step) and keep a* = argmax_i mean_k Q_k(s, a_i).
 
-    obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging. block > 0 scores
+    obs: (B, obs_dim) -> a*: (B, A), plus the candidates' Q values (B, N) for logging; A is policy.act_dim (an
+    attribute of MeanVelocityNet: a policy network of your own needs it too). block > 0 scores
     `block` states at a time (the same result): on CPU, blocks of 32 states stay in cache where a 32 MiB
     (K, 8192, 512) activation is page-faulted back on every op (critic target 1.6x faster for MVP)."""
     if 0 < block < obs.shape[0]:
@@ -391,6 +351,14 @@ def best_of_n(policy, critic, obs, num_candidates: int, generator=None, sample=o
     q = critic(obs_rep, cand).mean(dim=0).view(B, N)  # mean over K members [QC], then (B, N)
     best = q.argmax(dim=1)  # (B,)
     return cand.view(B, N, A)[torch.arange(B, device=obs.device), best], q
+
+
+@torch.no_grad()
+def act(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len: int, generator=None) -> np.ndarray:
+    """The agent's step: best-of-N for one observation, as (h, action_dim) numpy rows to execute open loop."""
+    obs_t = torch.as_tensor(np.asarray(obs, dtype=np.float32), device=next(learner.policy.parameters()).device)
+    a, _ = best_of_n(learner.policy, learner.critic, obs_t[None], num_candidates, generator, learner.sample)
+    return a.view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
 
 
 # ================================================================================================
@@ -428,30 +396,63 @@ def polyak(target: nn.Module, online: nn.Module, tau: float):
 # ================================================================================================
 # Replay buffer: Q-chunking's chunk sampler is part of the RL target (n-step rewards, masks, s_{k+h})
 # ================================================================================================
+def clip_dataset_actions(actions: np.ndarray) -> np.ndarray:
+    """[QC] clips dataset actions to +-(1 - 1e-5) on loading, every suite: recorded actions sit on the bounds."""
+    return np.clip(actions, -1 + 1e-5, 1 - 1e-5)
+
+
+class BufferDataError(ValueError):
+    """What ReplayBuffer was given is not a table of transitions: the message names every bad key."""
+
+
 class ReplayBuffer:
     """Flat transitions in one preallocated device tensor; offline data first, online steps appended.
 
-    Chunks are h consecutive rows; 'terminals' marks each episode's last row, 'masks' is 0 where
-    bootstrapping stops (success). Fields are column blocks of one tensor (an append is one copy) and
-    the row count lives on the device, so sampling needs no host value and replays in a CUDA graph."""
+    data: float arrays observations and next_observations (n, obs_dim), actions (n, action_dim) in [-1, 1],
+    rewards, masks and terminals (n,). Chunks are h consecutive rows; 'terminals' marks each episode's last
+    row, 'masks' is 0 where bootstrapping stops (success). Fields are column blocks of one tensor (an append is
+    one copy) and the row count lives on the device, so sampling needs no host value and replays in a CUDA graph.
+    clip_actions applies clip_dataset_actions (the protocol's, for a dataset; a buffer of other data is as given)."""
 
     FIELDS = (("obs", "observations"), ("actions", "actions"), ("rewards", "rewards"), ("masks", "masks"),
               ("terminals", "terminals"), ("next_obs", "next_observations"))
 
-    def __init__(self, data: dict, capacity: int, device):
-        n = len(data["observations"])
-        self.capacity, self.device = max(capacity, n), device
+    def __init__(self, data: dict, capacity: int, device, clip_actions: bool = False):
+        n = self.check(data)
+        if clip_actions:
+            data = dict(data, actions=clip_dataset_actions(data["actions"]))
+        self.capacity, self.device = max(capacity, n), torch.device(device)
         arrays = [np.asarray(data[src], dtype=np.float32).reshape(n, -1) for _, src in self.FIELDS]
         widths = [a.shape[1] for a in arrays]
-        self.rows = torch.zeros(self.capacity, sum(widths), device=device)
-        self.rows[:n] = torch.as_tensor(np.concatenate(arrays, axis=1)).to(device)
+        self.rows = torch.zeros(self.capacity, sum(widths), device=self.device)
+        self.rows[:n] = torch.as_tensor(np.concatenate(arrays, axis=1)).to(self.device)
         self.store, col = {}, 0
         for (key, src), w in zip(self.FIELDS, widths):
             view = self.rows[:, col:col + w]
             self.store[key] = view if np.ndim(data[src]) > 1 else view[:, 0]  # (capacity, dim) or (capacity,)
             col += w
-        self.num_rows = torch.zeros((), dtype=torch.float64, device=device)  # the row count, read by sample_chunks
+        self.num_rows = torch.zeros((), dtype=torch.long, device=self.device)  # the row count, read by sample_chunks
         self.size = n
+
+    @classmethod
+    def check(cls, data: dict) -> int:
+        """The number of rows, or one BufferDataError listing every key that is missing, mis-shaped or not finite."""
+        n, problems = next((len(data[k]) for _, k in cls.FIELDS if k in data and np.ndim(data[k])), 0), []
+        for _, key in cls.FIELDS:
+            ndim = 1 if key in ("rewards", "masks", "terminals") else 2
+            want = f"({n},)" if ndim == 1 else f"({n}, dim)"
+            if key not in data:
+                problems.append(f"{key} missing (want shape {want})")
+                continue
+            x = np.asarray(data[key])
+            if x.ndim != ndim or len(x) != n or x.dtype.kind not in "biuf":
+                problems.append(f"{key} has shape {x.shape} ({x.dtype}), want {want} (numbers)")
+            elif not np.isfinite(x).all():
+                bad = np.flatnonzero(~np.isfinite(x).reshape(n, -1).all(axis=1))
+                problems.append(f"{key} has {len(bad)} rows with NaN or inf (first: row {bad[0]})")
+        if problems:
+            raise BufferDataError("ReplayBuffer data: " + "; ".join(problems))
+        return n
 
     @property
     def size(self) -> int:
@@ -477,8 +478,7 @@ class ReplayBuffer:
 
         valid[:, i] = 0 once an episode ended before step i; rewards after an end are not summed;
         mask is the min over valid steps; next_obs is s_{k+h}, or the state after the last valid step."""
-        u = torch.rand(batch_size, generator=generator, device=self.device, dtype=torch.float64)
-        idx = (u * (self.num_rows - chunk_len + 1)).long()  # uniform start in [0, size - h], exact in float64
+        idx = uniform_index(batch_size, self.num_rows - chunk_len + 1, generator)  # start in [0, size - h]
         rows = idx[:, None] + torch.arange(chunk_len, device=self.device)  # (B, h)
         term = self.store["terminals"][rows]  # (B, h)
         ended = torch.cummax(term, dim=1).values  # ended[:, i] = 1 if an episode ended at or before step i
@@ -490,6 +490,14 @@ class ReplayBuffer:
         return dict(obs=self.store["obs"][idx],
                     actions=self.store["actions"][rows].reshape(batch_size, -1),  # (B, h * action_dim)
                     reward_sum=reward_sum, mask=mask, valid=valid, next_obs=self.store["next_obs"][last])
+
+
+def uniform_index(batch_size: int, n: torch.Tensor, generator) -> torch.Tensor:
+    """floor(m * n / 2^53) for m ~ U{0, ..., 2^53 - 1}: uniform in [0, n) for a count n on the device, in int64
+    (no float64, which some accelerators lack). On CPU the same draws and rows as floor(torch.rand(float64) * n)."""
+    m = torch.randint(0, 2 ** 53, (batch_size,), generator=generator, device=n.device)
+    hi, lo = m >> 26, m & (2 ** 26 - 1)  # m * n needs 74 bits: split m so each product fits in 63
+    return (hi * n + ((lo * n) >> 26)) >> 27
 
 
 # ================================================================================================
@@ -506,52 +514,40 @@ class Learner:
     critic_opt: torch.optim.Optimizer
     loss: Callable  # loss(policy, obs, a1, valid, chunk_len, generator) -> (loss, info)
     sample: Callable  # sample(policy, obs, eps) -> action chunks in [-1, 1]
-    bon_block: int = 0  # states per best-of-N block over a batch (0: all at once)
+    bon_block: int = 0  # states per best-of-N block in the critic target (the same result; 0: all at once)
     select_dtype: torch.dtype = torch.float32  # of the critic target's best-of-N selection
-    cuda_graph: bool = False  # replay train steps and acting as CUDA graphs (class CUDAGraphed)
-    graphs: dict = field(default_factory=dict)  # recorded acting graphs, by (N, generator)
-    eval_generator: torch.Generator | None = None  # evaluation's candidate noise, reseeded from each episode's seed
 
 
-def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
-    policy = MeanVelocityNet(obs_dim, act_dim, args.hidden_dim, args.num_layers).to(device)
-    critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
-    target_critic = CriticEnsemble(obs_dim, act_dim, args.hidden_dim, args.num_layers, args.num_critics).to(device)
+def new_learner(obs_dim: int, act_dim: int, hp: Hyperparams, device, bon_block: int = 0,
+                select_dtype: torch.dtype = torch.float32) -> Learner:
+    """Policy, critic ensemble and its target, Adam for both; act_dim is a chunk's size A = h * action_dim."""
+    policy = MeanVelocityNet(obs_dim, act_dim, hp.hidden_dim, hp.num_layers).to(device)
+    critic = CriticEnsemble(obs_dim, act_dim, hp.hidden_dim, hp.num_layers, hp.num_critics).to(device)
+    target_critic = CriticEnsemble(obs_dim, act_dim, hp.hidden_dim, hp.num_layers, hp.num_critics).to(device)
     target_critic.load_state_dict(critic.state_dict())
     target_critic.requires_grad_(False)
-    if args.policy == "mvp":
-        time_kw = dict(sampler=args.time_sampler, mu=args.time_mu, sigma=args.time_sigma, equal_frac=args.equal_tr_frac,
-                       one_step_frac=args.one_step_frac)
-        def loss(policy, obs, a1, valid, chunk_len, generator):
-            return policy_loss(policy, obs, a1, valid, args.ivc_coef, chunk_len, time_kw, generator)
-        sample = one_step
+    if hp.policy == "mvp":
+        loss, sample = functools.partial(policy_loss, ivc_coef=hp.ivc_coef, times=hp.times), one_step
     else:
-        loss, sample = flow_matching_loss, functools.partial(euler_sample, steps=args.flow_steps)
-    device_type = torch.device(device).type
-    bon_block = args.bon_block if args.bon_block >= 0 else (32 if device_type == "cpu" else 0)
-    if args.cuda_graph == "on" and device_type != "cuda":
-        raise SystemExit(f"error: --cuda-graph on needs a CUDA device, this run is on {device}; use --cuda-graph "
-                         f"auto or off")
-    cuda_graph = device_type == "cuda" and args.cuda_graph != "off"
-    # fused Adam: one kernel over all parameters; on CPU the critic's step drops from about 7 to 1 ms.
-    # capturable: its step count stays on the GPU, so the step can be recorded in a CUDA graph
-    opt = functools.partial(torch.optim.Adam, lr=args.lr, fused=device_type in ("cpu", "cuda"), capturable=cuda_graph)
+        loss, sample = flow_matching_loss, functools.partial(euler_sample, steps=hp.flow_steps)
+    # fused Adam: one kernel over all parameters; on CPU the critic's step drops from about 7 to 1 ms
+    opt = functools.partial(torch.optim.Adam, lr=hp.lr, fused=torch.device(device).type in ("cpu", "cuda"))
     return Learner(policy, critic, target_critic, opt(policy.parameters()), opt(critic.parameters()), loss, sample,
-                   bon_block, getattr(torch, args.select_dtype), cuda_graph, eval_generator=torch.Generator(device))
+                   bon_block, select_dtype)
 
 
-def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -> dict:
+def update(learner: Learner, batch: dict, a1, valid_a1, hp: Hyperparams, generator) -> dict:
     """One gradient step on the critic and one on the policy; returns device tensors (no sync)."""
     y, cand_q = critic_target(learner.policy, learner.critic, learner.target_critic, batch["next_obs"],
-                              batch["reward_sum"], batch["mask"], args.discount, args.chunk_len,
-                              args.num_candidates, generator, learner.sample, learner.bon_block, learner.select_dtype)
+                              batch["reward_sum"], batch["mask"], hp.discount, hp.chunk_len,
+                              hp.num_candidates, generator, learner.sample, learner.bon_block, learner.select_dtype)
     c_loss, c_info = critic_loss(learner.critic, batch["obs"], batch["actions"], y, batch["valid"][:, -1])
     learner.critic_opt.zero_grad(set_to_none=True)
     c_loss.backward()
     learner.critic_opt.step()
-    polyak(learner.target_critic, learner.critic, args.tau)
+    polyak(learner.target_critic, learner.critic, hp.tau)
 
-    p_loss, p_info = learner.loss(learner.policy, batch["obs"], a1, valid_a1, args.chunk_len, generator)
+    p_loss, p_info = learner.loss(learner.policy, batch["obs"], a1, valid_a1, hp.chunk_len, generator)
     learner.policy_opt.zero_grad(set_to_none=True)
     p_loss.backward()
     learner.policy_opt.step()
@@ -560,29 +556,24 @@ def update(learner: Learner, batch: dict, a1, valid_a1, args: Args, generator) -
     return {k: v.detach() for k, v in {**c_info, **p_info, "bon_gain": bon_gain}.items()}
 
 
-def buffer_target(learner, batch, args, generator):
+def buffer_target(learner: Learner, batch: dict, hp: Hyperparams, generator):
     """Imitate the chunks stored in the buffer (offline data + executed a*), masked past episode ends."""
     return batch["actions"], batch["valid"]
 
 
-def best_of_n_target(learner, batch, args, generator):
+def best_of_n_target(learner: Learner, batch: dict, hp: Hyperparams, generator):
     """Imitate a* recomputed on the batch's states from the current policy and critic (paper appendix)."""
-    a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], args.num_candidates, generator,
+    a_star, _ = best_of_n(learner.policy, learner.critic, batch["obs"], hp.num_candidates, generator,
                           learner.sample, learner.bon_block)
     return a_star, torch.ones_like(batch["valid"])
 
 
-def make_train_step(learner: Learner, buffer, imitation: Callable, args: Args, generator) -> Callable[[], dict]:
-    """A training step as a function of nothing: sample chunks from the replay buffer, pick what the
-    policy imitates (buffer_target or best_of_n_target), update. Its inputs all live on the device,
-    so with CUDA it is recorded once and replayed as one graph (CUDAGraphed, in run_utils.py)."""
-    def step():
-        batch = buffer.sample_chunks(args.batch_size, args.chunk_len, args.discount, generator)
-        a1, valid_a1 = imitation(learner, batch, args, generator)
-        return update(learner, batch, a1, valid_a1, args, generator)
-    if args.compile:  # fuses elementwise work; the first call compiles (graph breaks at backward are fine)
-        step = torch.compile(step)
-    return CUDAGraphed(step, generator) if learner.cuda_graph else step
+def train_step(learner: Learner, buffer: ReplayBuffer, imitation: Callable, hp: Hyperparams, generator) -> dict:
+    """Sample chunks from the replay buffer, pick what the policy imitates (buffer_target or best_of_n_target),
+    update. Its inputs all live on the device, so with CUDA it can be replayed as one graph (make_train_step)."""
+    batch = buffer.sample_chunks(hp.batch_size, hp.chunk_len, hp.discount, generator)
+    a1, valid_a1 = imitation(learner, batch, hp, generator)
+    return update(learner, batch, a1, valid_a1, hp, generator)
 
 
 # ================================================================================================
@@ -596,12 +587,12 @@ def due(step: int, interval: int, total: int) -> bool:  # every `interval` steps
 def train(args: Args, resume: dict | None = None) -> dict:
     """Offline phase, replay-buffer hand-off, online phase. `resume` is a checkpoint from --resume."""
     run = Run(args, resume)  # device, seeds, dataset, envs, learner, replay buffer, logs (a resumed run's state)
-    learner, buffer, env, gen = run.learner, run.buffer, run.env, run.gen
+    learner, buffer, env, gen, hp = run.learner, run.buffer, run.env, run.gen, run.hp
 
     # ---- offline: behaviour-clone the dataset's chunks by mean flow, learn Q, select best-of-N ----
-    train_step = make_train_step(learner, buffer, buffer_target, args, gen)
+    step_fn = make_train_step(learner, buffer, buffer_target, hp, gen, args.compile, run.cuda_graph)  # train_step
     for step in run.phase("offline", args.offline_steps):  # after each step: stop (and save) if asked
-        info = train_step()
+        info = step_fn()
         run.watch(step, info)  # non-finite losses are caught on the device, reported at the next log
         if due(step, args.log_interval, args.offline_steps):
             run.log(step, info)
@@ -609,11 +600,11 @@ def train(args: Args, resume: dict | None = None) -> dict:
             run.evaluate(step)
         if run.time_to_save(step, args.offline_steps):
             run.save()
-    del train_step  # frees a recorded CUDA graph's memory before the online one is recorded
+    del step_fn  # frees a recorded CUDA graph's memory before the online one is recorded
 
     # ---- hand-off: the replay buffer already holds the offline data; online rows are appended ----
     imitation = best_of_n_target if args.imitation_target == "best_of_n" else buffer_target
-    train_step = make_train_step(learner, buffer, imitation, args, gen)
+    step_fn = make_train_step(learner, buffer, imitation, hp, gen, args.compile, run.cuda_graph)
     # obs is None between episodes: the env is reset lazily, so a checkpoint there needs only the env's RNG
     obs = env.reset(seed=args.seed)[0] if run.pos["online"] == 0 else None
     queue, ep_return, ep_len, save_due = [], 0.0, 0, False
@@ -621,7 +612,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
         if obs is None:
             obs, _ = env.reset()
         if not queue:  # a new chunk every h steps, executed open loop
-            queue = list(act_chunk(learner, obs, args.num_candidates, args.chunk_len, run.device, gen))
+            queue = list(run.act(obs, args.num_candidates, args.chunk_len, gen))  # act(), or its CUDA graph
         action = queue.pop(0)
         next_obs, reward, terminated, truncated, info = env.step(action)
         buffer.add(obs, action, reward, 1.0 - float(terminated), float(terminated or truncated), next_obs)
@@ -630,7 +621,7 @@ def train(args: Args, resume: dict | None = None) -> dict:
             run.episode_end(ep_return, ep_len, float(info.get("success", 0.0)))
             obs, queue, ep_return, ep_len = None, [], 0.0, 0
         if step >= args.start_training:  # [QC] the first update comes at env step start_training
-            info = train_step()
+            info = step_fn()
             run.watch(step, info)
             if due(step, args.log_interval, args.online_steps):
                 run.log(step, info)
@@ -652,8 +643,39 @@ def train(args: Args, resume: dict | None = None) -> dict:
 # changes the algorithm. Each benchmark suite's details live in prepare_ogbench.py and
 # prepare_robomimic.py; what knows nothing of MVP (CUDA graphs, checkpoint files, signals) in run_utils.py.
 # ================================================================================================
+# ---- the command line: Args -> flags, values checked before anything runs --------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    return dataclass_parser(Args, "MVP: mean velocity policy (offline-to-online RL).")
+
+
+def parse_args(argv=None) -> Args:
+    """Parse the command line, then check every value's range and the combinations argparse cannot."""
+    parser, argv = build_parser(), sys.argv[1:] if argv is None else argv
+    args = Args(**vars(parser.parse_args(argv)))
+    args.given = tuple(sorted({a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}))
+    problems = out_of_range(args)
+    for name in ("threads", "data_workers", "eval_workers"):  # beyond the cores only slows a run (or fails to fork)
+        if getattr(args, name) > (os.cpu_count() or 1):
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} is more than this machine's "
+                            f"{os.cpu_count()} cores")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        problems.append(f"--device must be auto, cpu or cuda (got {args.device!r})")
+    if args.cuda_graph == "on" and (args.device == "cpu" or not torch.cuda.is_available()):
+        problems.append("--cuda-graph on needs a CUDA device; use --cuda-graph auto (graphs only on CUDA) or off")
+    if args.eval_only and not args.checkpoint:
+        problems.append("--eval-only needs --checkpoint PATH")
+    if not args.eval_only:
+        try:
+            resolve_env_name(args.env)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
 # ---- tasks: each benchmark suite's names, dataset reader and environments live in its own file ------------
-DATA_ERRORS = (prepare_ogbench.DataError, prepare_robomimic.DataError)  # a dataset missing, corrupt or mismatched
+DATA_ERRORS = (prepare_ogbench.DataError, prepare_robomimic.DataError, BufferDataError)  # missing, corrupt, mismatched
 
 
 def resolve_env_name(name: str) -> str:
@@ -668,17 +690,11 @@ def resolve_env_name(name: str) -> str:
 
 
 def load_task(env_name: str, args: Args):
-    """(dataset, make_env, source file) of a resolved task name: the one place that knows a task's suite.
-
-    dataset: float32 arrays observations, actions, rewards, masks, terminals, next_observations. make_env(): a
-    new gymnasium-style env whose info["success"] reports success (OGBench's first: the one that relabelled the
-    dataset, as a build costs seconds); .env_args (robomimic) for --eval-only."""
+    """(dataset, make_env, source file) of a resolved task name, the one place that knows a task's suite; make_env()
+    gives a new env with info["success"] (OGBench's first: the one that relabelled the dataset; builds cost seconds)."""
     if env_name in prepare_robomimic.ROBOMIMIC_TASKS:
-        if args.generate_data:
-            raise prepare_robomimic.DataError(
-                f"scripted robomimic demos are not the paper's data and have their own command: python "
-                f"prepare_robomimic.py {env_name}, then --dataset-dir with the file it names")
-        dataset, new_env = prepare_robomimic.load_robomimic(env_name, args.dataset_dir, args.dataset_episodes)
+        dataset, new_env = prepare_robomimic.load_robomimic(env_name, args.dataset_dir, args.dataset_episodes,
+                                                            check_env=True, generate=args.generate_data)
         return dataset, new_env, new_env.dataset_path
     data_dir = prepare_ogbench.find_dataset(env_name, args.dataset_dir, args.generate_data or args.dataset_episodes,
                                             args.dataset_episodes, args.data_seed, args.data_workers)
@@ -696,39 +712,79 @@ def env_from_checkpoint(ckpt: dict):
     return prepare_ogbench.make_env(name)
 
 
+# ---- from the command line to the method, and the speed machinery that wraps it -------------------------------
+def hyperparams(args: Args) -> Hyperparams:
+    """The method's settings out of the command line's."""
+    return Hyperparams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparams)})
+
+
+def use_cuda_graph(args: Args, device: torch.device) -> bool:
+    """--cuda-graph auto: graphs wherever the device is CUDA (parse_args refuses `on` without CUDA)."""
+    return device.type == "cuda" and args.cuda_graph != "off"
+
+
+def make_learner(obs_dim: int, act_dim: int, args: Args, device) -> Learner:
+    """new_learner with the command line's settings; --bon-block -1 is 32 on CPU (cache-sized blocks), else all."""
+    device = torch.device(device)
+    bon_block = args.bon_block if args.bon_block >= 0 else (32 if device.type == "cpu" else 0)
+    learner = new_learner(obs_dim, act_dim, hyperparams(args), device, bon_block, getattr(torch, args.select_dtype))
+    set_capturable(learner, use_cuda_graph(args, device))
+    return learner
+
+
+def set_capturable(learner: Learner, on: bool):
+    """Adam's step count stays on the GPU, so an optimizer step can be recorded in a CUDA graph."""
+    for group in learner.policy_opt.param_groups + learner.critic_opt.param_groups:
+        group["capturable"] = on
+
+
+def make_train_step(learner: Learner, buffer: ReplayBuffer, imitation: Callable, hp: Hyperparams, generator,
+                    compile: bool = False, cuda_graph: bool = False) -> Callable[[], dict]:
+    """train_step as a function of nothing, torch.compile'd (fuses elementwise work; the first call compiles,
+    graph breaks at backward are fine) and/or recorded once and replayed as one CUDA graph (run_utils.CUDAGraphed)."""
+    step = functools.partial(train_step, learner, buffer, imitation, hp, generator)
+    step = torch.compile(step) if compile else step
+    return CUDAGraphed(step, generator) if cuda_graph else step
+
+
+class Actor:
+    """act() for one observation as a run does it: eagerly, or with CUDA graphs one graph recorded per (N, generator)
+    and replayed; it holds the evaluation's candidate noise generator, reseeded from each episode's seed."""
+
+    def __init__(self, learner: Learner, device: torch.device, cuda_graph: bool = False):
+        self.learner, self.device, self.cuda_graph, self.graphs = learner, device, cuda_graph, {}
+        self.eval_generator = torch.Generator(device)
+
+    def __call__(self, obs: np.ndarray, num_candidates: int, chunk_len: int, generator) -> np.ndarray:
+        if not self.cuda_graph:
+            return act(self.learner, obs, num_candidates, chunk_len, generator)
+        obs_t, learner = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None], self.learner
+        key = (num_candidates, id(generator))
+        if key not in self.graphs:  # best_of_n on a fixed input tensor: copy the observation in, replay
+            obs_in = torch.zeros(obs_t.shape, device=self.device)
+            self.graphs[key] = obs_in, CUDAGraphed(lambda: best_of_n(learner.policy, learner.critic, obs_in,
+                                                                     num_candidates, generator, learner.sample)[0],
+                                                   generator, warmup=1)
+        obs_in, replay = self.graphs[key]
+        obs_in.copy_(obs_t.pin_memory(), non_blocking=True)
+        return replay().view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
+
+
 # ---- evaluation ----------------------------------------------------------------------------------
-def act_chunk(learner: Learner, obs: np.ndarray, num_candidates: int, chunk_len: int, device, generator):
-    """Best-of-N chunk for one observation, as (h, action_dim) numpy rows to execute open loop."""
-    obs_t = torch.from_numpy(np.asarray(obs, dtype=np.float32))[None]
-    if not learner.cuda_graph:
-        a, _ = best_of_n(learner.policy, learner.critic, obs_t.to(device), num_candidates, generator, learner.sample)
-        return a.view(chunk_len, -1).cpu().numpy()
-    key = (num_candidates, id(generator))  # one recorded graph per (N, generator): copy the observation in, replay
-    if key not in learner.graphs:
-        obs_in = torch.zeros(obs_t.shape, device=device)
-        learner.graphs[key] = obs_in, CUDAGraphed(lambda: best_of_n(learner.policy, learner.critic, obs_in,
-                                                                    num_candidates, generator, learner.sample)[0],
-                                                  generator, warmup=1)
-    obs_in, act = learner.graphs[key]
-    obs_in.copy_(obs_t.pin_memory(), non_blocking=True)
-    return act().view(chunk_len, -1).cpu().numpy()  # CPU-GPU sync point: the env needs the action
-
-
 @torch.no_grad()
-def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len: int, discount: float, device,
+def run_episode(actor: Actor, env, seed: int, num_candidates: int, chunk_len: int, discount: float,
                 generator) -> dict:
-    """One episode, chunks open loop, as eval.csv columns: success, return, length, the critic's q0 = mean_K
-    Q_k(s_0, a*_0) beside the discounted return it estimates (which lacks the tail at the episode cap), and the
-    fraction of steps OGBench's gripper touches something (NaN on robomimic): a policy that never does is broken."""
+    """One episode, chunks open loop, as eval.csv columns: success, return, length, q0 = mean_K Q_k(s_0, a*_0) beside
+    the discounted return it estimates, the fraction of steps OGBench's gripper touches something (robomimic: NaN)."""
     obs, _ = env.reset(seed=seed)
     queue, rewards, contact, info, done, q0 = [], [], [], {}, False, None
     while not done:
         if not queue:
-            queue = list(act_chunk(learner, obs, num_candidates, chunk_len, device, generator))
+            queue = list(actor(obs, num_candidates, chunk_len, generator))
             if q0 is None:  # one extra critic call per episode, on the chunk the env will run
-                s0 = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-                a0 = torch.as_tensor(np.stack(queue), dtype=torch.float32, device=device).reshape(1, -1)
-                q0 = learner.critic(s0, a0).mean().item()  # mean over K members; sync point, once per episode
+                s0 = torch.as_tensor(obs, dtype=torch.float32, device=actor.device)[None]
+                a0 = torch.as_tensor(np.stack(queue), dtype=torch.float32, device=actor.device).reshape(1, -1)
+                q0 = actor.learner.critic(s0, a0).mean().item()  # mean over K members; sync point, once per episode
         obs, reward, terminated, truncated, info = env.step(queue.pop(0))
         done = terminated or truncated
         rewards.append(float(reward))
@@ -740,30 +796,24 @@ def run_episode(learner: Learner, env, seed: int, num_candidates: int, chunk_len
                 contact_frac=float(np.mean(contact)) if contact else float("nan"))
 
 
-def evaluate(learner: Learner, env, episodes: int, num_candidates: int, chunk_len: int, discount: float, device,
+def evaluate(actor: Actor, env, episodes: int, num_candidates: int, chunk_len: int, discount: float,
              seed: int, desc: str = "eval", workers: int = 0, args: Args | None = None, task: dict | None = None):
-    """run_episode's means for best-of-N and, on the same env seeds, for N = 1 (columns bc_): what selection adds.
-    Candidate noise is seeded per episode, so training's random draws are left alone. workers > 0 runs episodes
-    in processes with CPU float32 copies of the networks (learner from args, env from task): the numbers of a CPU
-    run; a CUDA run's episodes differ from in-process ones (CUDA random numbers, TF32)."""
+    """run_episode's means for best-of-N and, on the same env seeds, for N = 1 (columns bc_); candidate noise seeded
+    per episode. workers > 0: in processes with CPU float32 copies of the networks (learner from args, env from
+    task), the numbers of a CPU run (a CUDA run's in-process episodes differ: CUDA random numbers, TF32)."""
     from tqdm import tqdm
     jobs = [(n, seed + ep, chunk_len, discount) for n in (num_candidates, 1) for ep in range(episodes)]
-    if workers := eval_processes(workers, device):
-        nets = {k: {n: v.detach().cpu() for n, v in getattr(learner, k).state_dict().items()}
+    if workers := eval_processes(workers, actor.device):
+        nets = {k: {n: v.detach().cpu() for n, v in getattr(actor.learner, k).state_dict().items()}
                 for k in ("policy", "critic")}
         eps = map_in_processes(_eval_episode, jobs, workers, _init_eval_worker,
                                (task, dataclasses.asdict(args), nets), desc)
     else:
-        eps = [run_episode(learner, env, s, n, h, g, device, learner.eval_generator.manual_seed(s))
+        eps = [run_episode(actor, env, s, n, h, g, actor.eval_generator.manual_seed(s))
                for n, s, h, g in tqdm(jobs, desc=f"{desc} N={num_candidates}, then N=1", leave=False,
                                       dynamic_ncols=True)]
     return {prefix + k: float(np.mean([e[k] for e in eps[i:i + episodes]]))
             for i, prefix in ((0, ""), (episodes, "bc_")) for k in eps[0]}
-
-
-def eval_processes(requested: int, device) -> int:
-    """--eval-workers -1: none on CPU; with CUDA one per spare core (at most 16), as MuJoCo's stepping dominates."""
-    return requested if requested >= 0 else min(16, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
 
 
 _eval_worker = {}
@@ -773,44 +823,62 @@ def _init_eval_worker(task: dict, args: dict, nets: dict):
     torch.set_num_threads(1)
     cpu_args = Args(**{**args, "cuda_graph": "off"})
     learner = make_learner(task["obs_dim"], task["action_dim"] * cpu_args.chunk_len, cpu_args, torch.device("cpu"))
-    learner.policy.load_state_dict(nets["policy"])
-    learner.critic.load_state_dict(nets["critic"])
-    _eval_worker.update(learner=learner, env=env_from_checkpoint(task))
+    load_state_dicts({k: getattr(learner, k) for k in nets}, nets, "the evaluated networks")
+    _eval_worker.update(actor=Actor(learner, torch.device("cpu")), env=env_from_checkpoint(task))
 
 
 def _eval_episode(job) -> dict:
-    (n, seed, chunk_len, discount), learner = job, _eval_worker["learner"]
-    return run_episode(learner, _eval_worker["env"], seed, n, chunk_len, discount, torch.device("cpu"),
-                       learner.eval_generator.manual_seed(seed))
+    (n, seed, chunk_len, discount), actor = job, _eval_worker["actor"]
+    return run_episode(actor, _eval_worker["env"], seed, n, chunk_len, discount, actor.eval_generator.manual_seed(seed))
 
 
 # ---- what a checkpoint holds (its file handling is run_utils.py's) ----------------------------------
 NETWORK_FLAGS = {"policy", "flow_steps", "hidden_dim", "num_layers", "num_critics", "chunk_len"}
 # where and how the same computation runs: a resumed run may change them (--eval-only takes today's)
-HOW_FLAGS = {"device", "threads", "bon_block", "cuda_graph", "compile", "matmul_precision", "select_dtype",
-             "eval_workers", "save_minutes"}
+HOW_FLAGS = {f.name for f in dataclasses.fields(Args) if f.metadata.get("how")}
 LEARNER_STATE = ("policy", "critic", "target_critic", "policy_opt", "critic_opt")
+RUN_STATE = ("args", "env_name", "obs_dim", "action_dim", "env_args", "device_type", "dataset", *LEARNER_STATE, "pos",
+             "evals", "segments", "rng", "buffer_rows", "env_rng")  # what every checkpoint of Run.save holds
 
 
 def checkpoint_state(learner: Learner, args: Args, task: dict, **run) -> dict:
-    """Networks, target, optimizers, args and task as plain values (loadable with weights_only=True), plus
-    what a run needs to resume exactly (positions, logs, RNG states, the online rows of the buffer)."""
+    """Networks, optimizers, args, task (weights_only-loadable), plus what a run needs to resume exactly."""
     nets = {k: getattr(learner, k).state_dict() for k in LEARNER_STATE}
     return dict(args=dataclasses.asdict(args), **task, **nets, **run)
 
 
-def load_learner(learner: Learner, state: dict):
-    for k in LEARNER_STATE:
-        getattr(learner, k).load_state_dict(state[k])
-    for group in learner.policy_opt.param_groups + learner.critic_opt.param_groups:
-        group["capturable"] = learner.cuda_graph  # load_state_dict restores the saved run's setting
+def load_learner(learner: Learner, state: dict, cuda_graph: bool):
+    load_state_dicts({k: getattr(learner, k) for k in LEARNER_STATE}, state, "the checkpoint")
+    set_capturable(learner, cuda_graph)  # load_state_dict restores the saved run's setting
+
+
+CPU_RECIPE = ("python mvp.py --env cube-single-task1 --seed 4 --hidden-dim 256 --num-layers 2 --dataset-episodes 150 "
+              "--offline-steps 15000 --online-steps 15000 --eval-interval 5000 --eval-episodes 50 --threads 1")
+
+
+def say_plan(env_name: str, args: Args, device: torch.device, pos: dict):
+    """The run's cost before any of it is spent: the data to make, and the updates left, timed on a few updates of
+    this run's sizes here (zero rows, eager: CUDA graphs and --compile run faster). Draws from no seeded stream."""
+    data = None if env_name in prepare_robomimic.ROBOMIMIC_TASKS else prepare_ogbench.generation_plan(
+        env_name, args.dataset_dir, args.generate_data or args.dataset_episodes, args.dataset_episodes,
+        args.data_seed, args.data_workers)
+    n, obs_dim, action_dim = 4 * args.batch_size + args.chunk_len, 40, 5
+    rows = dict(observations=np.zeros((n, obs_dim)), actions=np.zeros((n, action_dim)), rewards=np.zeros(n),
+                masks=np.ones(n), terminals=np.zeros(n), next_observations=np.zeros((n, obs_dim)))
+    learner, buffer = make_learner(obs_dim, action_dim * args.chunk_len, args, device), ReplayBuffer(rows, n, device)
+    rate = calls_per_second(lambda: train_step(learner, buffer, buffer_target, hyperparams(args),
+                                               torch.Generator(device))["critic_loss"])
+    online = args.online_steps - max(pos["online"], args.start_training - 1)  # online updates begin at start_training
+    plan_line(f"{env_name} on {device}, {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, "
+              f"N = {args.num_candidates}", data, args.offline_steps - pos["offline"] + max(0, online), rate,
+              f"to see MVP learn on this machine first, the README's CPU recipe takes about an hour and a half: "
+              f"{CPU_RECIPE}")
 
 
 # ---- a training run: what train() delegates --------------------------------------------------------
 class Run:
-    """Everything of a training run besides the method: device, seeds, data and envs, the run directory, CSV logs
-    and progress bars, evaluation, checkpoints, resume, and stopping cleanly on Ctrl-C (SIGINT), SIGTERM (`kill`,
-    Slurm's time limit) or a failed evaluation (an env or worker crash): the run saves, then exits or re-raises."""
+    """Everything of a training run besides the method: device, seeds, data, envs, run folder, logs, evaluation,
+    checkpoints, resume; on Ctrl-C, SIGTERM or a failed evaluation it saves, then exits or re-raises."""
 
     def __init__(self, args: Args, resume: dict | None):
         self.args, self.device = args, pick_device(args.device, args.threads, args.matmul_precision)
@@ -822,15 +890,15 @@ class Run:
         self.dir = args.run_dir or new_run_dir(f"runs/{args.env}_s{args.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
         created = check_run_dir(self.dir, fresh=resume is None) if args.run_dir else self.dir  # gone if stopped early
         print(f"[mvp] {env_name} on {self.device}, run dir {self.dir}")
-        self.gen = seed_everything(args.seed, self.device)
-        try:
+        try:  # the plan before the data is made (or found); then the run's own random streams
+            say_plan(env_name, args, self.device, resume["pos"] if resume else dict(offline=0, online=0))
+            self.gen = seed_everything(args.seed, self.device)
             dataset, new_env, source = load_task(env_name, args)
         except BaseException:  # no data (or Ctrl-C while making it): no stub run directory is left behind
             if created:
                 shutil.rmtree(created, ignore_errors=True)
             raise
-        crc = zlib.crc32(dataset["actions"].tobytes())  # of the file's actions, before [QC]'s clip on loading:
-        dataset = dict(dataset, actions=np.clip(dataset["actions"], -1 + 1e-5, 1 - 1e-5))
+        crc = zlib.crc32(dataset["actions"].tobytes())  # of the file's actions, before the buffer clips them
         n = len(dataset["observations"])
         if args.chunk_len > n:  # the chunk sampler would index before the first row
             raise SystemExit(f"error: --chunk-len {args.chunk_len} is longer than the dataset ({n} rows); lower "
@@ -840,42 +908,37 @@ class Run:
         self.task = dict(env_name=env_name, obs_dim=obs_dim, action_dim=action_dim,  # what --eval-only needs
                          env_args=json.dumps(getattr(new_env, "env_args", None)), device_type=self.device.type,
                          dataset=dict(source=source, rows=n, crc32=crc))
+        self.hp, self.cuda_graph = hyperparams(args), use_cuda_graph(args, self.device)
         self.learner = make_learner(obs_dim, action_dim * args.chunk_len, args, self.device)
-        print(f"[mvp] plan: {env_name}, {args.offline_steps:,} offline updates then {args.online_steps:,} online env "
-              f"steps, networks {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, "
-              f"N = {args.num_candidates}, on {self.device}; a time estimate follows the first 200 updates")
-        if self.device.type == "cpu" and args.offline_steps + args.online_steps >= 1_000_000:
-            print("[mvp] note: the paper's budget takes days on a CPU (about 4 updates/s at 4x512); the README's CPU "
-                  "recipe (cube-single-task1, 2x256, 15k + 15k steps) shows learning in 1-2 hours")
-        self.buffer, self.dataset_rows = ReplayBuffer(dataset, n + args.online_steps, self.device), n
+        self.act = Actor(self.learner, self.device, self.cuda_graph)
+        self.buffer, self.dataset_rows = ReplayBuffer(dataset, n + args.online_steps, self.device, clip_actions=True), n
         # a checkpoint in float32: policy and critic with Adam's two moments, the target critic, the online rows
         nets = [3 * p.numel() for m in (self.learner.policy, self.learner.critic) for p in m.parameters()]
         nets += [p.numel() for p in self.learner.target_critic.parameters()]
         check_disk_space(self.dir, 4 * (sum(nets) + args.online_steps * (2 * obs_dim + action_dim + 3)))
         self.pos = dict(offline=0, online=0, episodes=0, last_ep=dict(episode=0, episode_return=float("nan"),
                                                                        episode_length=0, episode_success=float("nan")))
-        self.evals, self.rates, self.signal, self.failure = [], {}, 0, None
+        self.evals, self.rates, self.failure = [], {}, None
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite update
         self.segments = list(resume.get("segments", [])) if resume else []  # how each stretch ran (HOW_FLAGS)
         if resume is not None:
             self.restore(resume)
         self.segments.append(dict(from_offline_step=self.pos["offline"], from_online_step=self.pos["online"],
                                   torch=str(torch.__version__), **{k: getattr(args, k) for k in sorted(HOW_FLAGS)}))
-        with open(os.path.join(self.dir, "args.json"), "w") as f:  # rewritten on --resume: phases may have grown
-            json.dump(dict(dataclasses.asdict(args), segments=self.segments), f, indent=1)
-        self.previous_handlers, self.saved_at = set_stop_handlers(self.on_signal), time.time()
+        write_json(os.path.join(self.dir, "args.json"),  # rewritten on --resume: phases may have grown
+                             dict(dataclasses.asdict(args), segments=self.segments))
+        self.stop, self.saved_at = StopRequest(), time.time()  # Ctrl-C, SIGTERM: save after this step, then exit
 
     def restore(self, state: dict):
         """Load a checkpoint into this freshly built run, once it is known to be the same task, data and device."""
-        for key, what in (("obs_dim", "observation size"), ("action_dim", "action size"),
-                          ("device_type", "device type (a run's random streams cannot move between devices; "
-                                          f"resume with --device {state.get('device_type')})"),
-                          ("dataset", "dataset (rows, checksum of the actions; put the run's data back where "
-                                      "it was found)")):
+        for key, what in (("obs_dim", "observation size"), ("action_dim", "action size"), ("device_type", "device "
+                          f"type (random streams cannot move between devices; resume with --device "
+                          f"{state.get('device_type')})"), ("dataset", "dataset (rows, checksum of the actions; put "
+                          "the run's data back where it was found)")):
             if state[key] != self.task[key]:
                 raise SystemExit(f"error: the checkpoint in {self.dir} differs from this run in its {what}: "
                                  f"{state[key]} there, {self.task[key]} here")
-        load_learner(self.learner, state)
+        load_learner(self.learner, state, self.cuda_graph)
         set_rng_states(state["rng"], self.gen, self.device)
         self.env.unwrapped.np_random = np.random.Generator(np.random.PCG64())
         self.env.unwrapped.np_random.bit_generator.state = state["env_rng"]
@@ -946,8 +1009,8 @@ class Run:
     def evaluate(self, step: int):
         args, start = self.args, time.time()
         try:
-            res = evaluate(self.learner, self.eval_env, args.eval_episodes, args.num_candidates, args.chunk_len,
-                           args.discount, self.device, seed=10_000 * (args.seed + 1), desc=f"eval {self.name} {step}",
+            res = evaluate(self.act, self.eval_env, args.eval_episodes, args.num_candidates, args.chunk_len,
+                           args.discount, seed=10_000 * (args.seed + 1), desc=f"eval {self.name} {step}",
                            workers=args.eval_workers, args=args, task=self.task)
         except Exception as e:  # the run saves (pos records the evaluation to redo), then raises e
             self.failure, self.pos["failed_eval"] = e, self.name
@@ -980,39 +1043,29 @@ class Run:
         self.bar.write(f"[mvp] checkpoint {path}")
         self.saved_at = time.time()
 
-    def on_signal(self, signum, frame):
-        if self.signal:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n[mvp] {signal.Signals(signum).name}: saving a checkpoint after this step (again to abort without "
-              f"saving)", flush=True)
-
     @property
     def stopping(self) -> bool:
-        return bool(self.signal or self.failure)
+        return bool(self.stop.signal or self.failure)
 
     def stop_if_asked(self):
         if not self.stopping:
             return
         self.save()
-        set_stop_handlers(self.previous_handlers)
+        self.stop.restore()
         if self.failure is not None:
             print(f"[mvp] the evaluation failed (below); the run is saved and a resumed run redoes the evaluation "
                   f"first. Once its cause is fixed: python mvp.py --resume {self.dir}", flush=True)
             raise self.failure
-        print(f"[mvp] stopped by {'Ctrl-C' if self.signal == signal.SIGINT else 'SIGTERM'}. Resume with: "
-              f"python mvp.py --resume {self.dir}", flush=True)
-        raise SystemExit(128 + self.signal)  # 130 for Ctrl-C, 143 for SIGTERM, as the shell reports them
+        self.stop.exit(f"python mvp.py --resume {self.dir}")
 
     def finish(self) -> dict:
-        set_stop_handlers(self.previous_handlers)
+        self.stop.restore()
         self.save(os.path.join(self.dir, "checkpoint.pt"))
         summary = dict(env=self.task["env_name"], seed=self.args.seed, device=str(self.device),
                        offline_steps=self.args.offline_steps, online_steps=self.args.online_steps,
                        offline_updates_per_s=self.rates["offline"], online_env_steps_per_s=self.rates["online"],
                        final_eval=self.evals[-1] if self.evals else None, evals=self.evals, run_dir=self.dir)
-        with open(os.path.join(self.dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(os.path.join(self.dir, "summary.json"), summary)
         print(f"[mvp] done: {json.dumps(summary['final_eval'])}; outputs in {self.dir}")
         return summary
 
@@ -1023,11 +1076,11 @@ def saved_args(state: dict) -> Args:
 
 
 def resume_args(args: Args) -> tuple[Args, dict]:
-    """The settings of the run being resumed. Flags given now must agree with them, except those that say where
-    and how the same computation runs (HOW_FLAGS) and the phases' lengths, which may grow: a finished run
-    continues with more steps (the offline phase only before the online one has begun)."""
-    path, state = newest_checkpoint(args.resume)
-    saved, explicit, pos = saved_args(state), getattr(args, "_explicit", set()), state["pos"]
+    """The settings of the run being resumed; flags given now must agree, but for how it runs (HOW_FLAGS) and the
+    phases' lengths, which may grow (a finished run continues; the offline phase only before the online begins)."""
+    lock_run_dir(args.resume)  # before its checkpoints are read: one process per run folder
+    path, state = newest_checkpoint(args.resume, RUN_STATE)
+    saved, explicit, pos = saved_args(state), set(args.given), state["pos"]
     grown = explicit & {"offline_steps", "online_steps"}
     shrunk = [k for k in grown if getattr(args, k) < pos[k.split("_")[0]]]
     if shrunk or ("offline_steps" in grown and pos["online"] and args.offline_steps != saved.offline_steps):
@@ -1051,13 +1104,8 @@ def eval_only(args: Args) -> dict:
     """Evaluate a saved policy as trained (only N and how the evaluation runs may change) on the run's own episodes
     (its --seed, --eval-episodes) unless given: on a CPU this repeats the run's last evaluation number for number."""
     device = pick_device(args.device, args.threads, args.matmul_precision)
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-    except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {args.checkpoint} does not exist")
-    except Exception as e:
-        raise SystemExit(f"error: checkpoint {args.checkpoint} is truncated or corrupt ({type(e).__name__}: {e})")
-    saved, env_name, explicit = saved_args(ckpt), ckpt["env_name"], getattr(args, "_explicit", set())
+    ckpt = read_checkpoint(args.checkpoint, ("args", "env_name", "obs_dim", "action_dim", "policy", "critic"))
+    saved, env_name, explicit = saved_args(ckpt), ckpt["env_name"], set(args.given)
     if "env" in explicit and resolve_env_name(args.env) != env_name:
         raise SystemExit(f"error: checkpoint {args.checkpoint} was trained on {env_name}, not "
                          f"{resolve_env_name(args.env)}")
@@ -1068,11 +1116,11 @@ def eval_only(args: Args) -> dict:
     for k in HOW_FLAGS | (explicit & {"num_candidates", "seed", "eval_episodes"}):
         setattr(saved, k, getattr(args, k))
     learner = make_learner(ckpt["obs_dim"], ckpt["action_dim"] * saved.chunk_len, saved, device)
-    learner.policy.load_state_dict(ckpt["policy"])
-    learner.critic.load_state_dict(ckpt["critic"])
+    load_state_dicts({k: getattr(learner, k) for k in ("policy", "critic")}, ckpt, args.checkpoint)
     seed_everything(saved.seed, device)
-    res = evaluate(learner, env_from_checkpoint(ckpt), saved.eval_episodes, saved.num_candidates, saved.chunk_len,
-                   saved.discount, device, seed=10_000 * (saved.seed + 1), workers=saved.eval_workers, args=saved,
+    actor = Actor(learner, device, use_cuda_graph(saved, device))
+    res = evaluate(actor, env_from_checkpoint(ckpt), saved.eval_episodes, saved.num_candidates, saved.chunk_len,
+                   saved.discount, seed=10_000 * (saved.seed + 1), workers=saved.eval_workers, args=saved,
                    task={k: ckpt.get(k) for k in ("env_name", "env_args", "obs_dim", "action_dim")})
     print(json.dumps(dict(env=env_name, checkpoint=args.checkpoint, seed=saved.seed, episodes=saved.eval_episodes,
                           num_candidates=saved.num_candidates, **res)))
@@ -1087,13 +1135,14 @@ def main(argv=None):
         return train(*resume_args(args)) if args.resume else train(args)
     except DATA_ERRORS as e:
         raise SystemExit(f"error: {e}")
-    except RuntimeError as e:  # out of memory: torch.OutOfMemoryError on CUDA, the allocator's RuntimeError on CPU
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+    except RuntimeError as e:
+        if not (tried := out_of_memory(e)):
             raise
-        tried = re.search(r"[Tt]ried to allocate [0-9.]+ ?[A-Za-z]+", str(e))
-        raise SystemExit(f"error: out of memory ({tried[0].strip() if tried else 'allocation failed'}). Lower "
+        raise SystemExit(f"error: out of memory ({tried}). Lower "
                          f"--num-candidates, --batch-size or --hidden-dim (a new run), or score the critic target's "
                          f"best-of-N in blocks with --bon-block 32 (also with --resume, from the last checkpoint)")
+    finally:  # the run folder this process held (a run in-process, e.g. a test, may be followed by another process)
+        release_run_dirs()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the chunk to execute open loop:
     policy = OnnxPolicy("policy.onnx", seed=0)   # one CPU thread, sequential (the latency that was measured)
     chunk = policy.act(obs)                      # (h, action_dim): the next h actions
     chunks, scores = policy.act_batch(obs_batch) # (B, h, action_dim) and the candidates' scores (B, N)
+    OnnxPolicy("policy.onnx", expect_task="cube-double-play-singletask-task4-v0")  # refuses another task's file
 
 Noise is standard normal float32 of shape (B, N, A), A = h * action_dim; candidate i of state b reads
 noise[b, i], the layout of mvp.best_of_n (whose eps is noise.reshape(B * N, A)), so the same numbers give the
@@ -42,13 +43,17 @@ def session(path: str, threads: int = 1):
 class OnnxPolicy:
     """An exported policy's acting step; `metadata` holds what the file says about itself (all strings)."""
 
-    def __init__(self, path: str, seed: int | None = None, threads: int = 1):
+    def __init__(self, path: str, seed: int | None = None, threads: int = 1, expect_task: str | None = None):
+        """expect_task: the task the caller runs (as the metadata's task names it); a file of another is refused."""
         self.session = session(path, threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         missing = [k for k in REQUIRED if k not in self.metadata]
         if missing:
             raise ValueError(f"{path} is not a policy written by export_onnx.py (its metadata lacks "
                              f"{', '.join(missing)}); export one with: python export_onnx.py CHECKPOINT")
+        if expect_task is not None and self.metadata["task"] != expect_task:
+            raise ValueError(f"{path} is a policy for {self.metadata['task']}, not {expect_task}: its observations "
+                             f"mean other things; export one of a {expect_task} run: python export_onnx.py CHECKPOINT")
         self.obs_dim, self.action_dim, self.chunk_len, self.num_candidates = (
             int(self.metadata[k]) for k in ("obs_dim", "action_dim", "chunk_len", "num_candidates"))
         self.act_dim = self.chunk_len * self.action_dim  # A: one candidate is a flattened chunk

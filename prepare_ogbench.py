@@ -40,6 +40,26 @@ class DataError(Exception):
     """A file in the way is not one of ours, or cannot be read."""
 
 
+ACTION_SLACK = 1e-3  # actions further than this outside [-1, 1] are not rounding: the protocol's clip would hide them
+
+
+def check_values(x: np.ndarray, what: str, fix: str, bounded: bool = False):
+    """A DataError naming `what` and the first bad row if the float array x holds NaN or inf, or (bounded: actions)
+    values further than ACTION_SLACK outside [-1, 1], with their count; nothing for other dtypes."""
+    if x.dtype.kind != "f" or not len(x):
+        return
+    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise DataError(f"{what} has NaN or inf values in {len(bad)} row(s), the first in row {bad[0]}; {fix}")
+    beyond = np.abs(x) > 1 + ACTION_SLACK if bounded else None
+    if beyond is not None and beyond.any():
+        first = np.flatnonzero(beyond.reshape(len(x), -1).any(axis=1))[0]
+        raise DataError(f"{what} has {np.count_nonzero(beyond)} value(s) outside [-1, 1] by more than {ACTION_SLACK} "
+                        f"(up to {np.abs(x).max():.4g}, the first in row {first}), which the protocol's clip to "
+                        f"[-1, 1] would hide: the actions need scaling to [-1, 1]; {fix}")
+
+
 def default_generated_dir(dataset_name: str, episodes: int, seed: int) -> str:
     return os.path.expanduser(f"~/.ogbench/generated/{dataset_name}_{episodes}ep_seed{seed}")
 
@@ -96,9 +116,9 @@ def _episode(job) -> tuple[int, dict]:
 # ---- files ----------------------------------------------------------------------------------------
 def write_npz(path: str, arrays: dict):
     """np.savez_compressed's format, but every member dated 1980-01-01 (savez stamps the current time), so
-    the same arrays give the same bytes. Written to path.tmp, flushed to disk, then renamed: a file with
-    the final name is always whole."""
-    tmp = path + ".tmp"
+    the same arrays give the same bytes. Written to path.<pid>.tmp, flushed to disk, then renamed: a file
+    with the final name is always whole."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w") as z:
@@ -135,9 +155,17 @@ def start_parts(parts: str, settings: dict):
     if not same:
         shutil.rmtree(parts, ignore_errors=True)
         os.makedirs(parts)
-        with open(marker + ".tmp", "w") as f:
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(settings, f)
-        os.replace(marker + ".tmp", marker)
+        os.replace(tmp, marker)
+
+
+def generation_settings(dataset_name: str, num_episodes: int, seed: int) -> dict:
+    """What a generated file records of its making (GENERATED_KEY), and its parts folder (settings.json)."""
+    return dict(generator=GENERATOR, oracle="CubePlanOracle", noise=0.1, noise_smoothing=0.5,
+                p_stack_range=list(P_STACK_RANGE[dataset_name]), episodes=num_episodes,
+                val_episodes=max(1, num_episodes // 10), episode_steps=EPISODE_STEPS, seed=seed)
 
 
 def generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: int = 0, workers: int = 0) -> str:
@@ -145,17 +173,25 @@ def generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: i
 
     Reuses files made with the same settings; refuses to overwrite files it did not make. Each finished
     episode goes to <out_dir>/<dataset_name>.parts/ at once, so an interrupted run continues from there;
-    the two files are assembled from the parts at the end, which are then deleted."""
+    the two files are assembled from the parts at the end, which are then deleted. One process at a time:
+    another one making the same files (a second generator, or runs of two seeds started together) waits for
+    it, says so, and then uses its files."""
+    from run_utils import producing  # here: the episode workers import this module, and need no torch
+    os.makedirs(out_dir, exist_ok=True)
+    with producing(os.path.join(out_dir, f"{dataset_name}.lock"),
+                   f"[data] another process (pid {{pid}}) is making {dataset_name} in {out_dir}: waiting for it, "
+                   f"then using its files"):
+        return _generate_dataset(dataset_name, out_dir, num_episodes, seed, workers)
+
+
+def _generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: int, workers: int) -> str:
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
     from tqdm import tqdm
-    os.makedirs(out_dir, exist_ok=True)
     train_path, val_path = (os.path.join(out_dir, f"{dataset_name}{s}.npz") for s in ("", "-val"))
     parts = os.path.join(out_dir, f"{dataset_name}.parts")
-    num_val = max(1, num_episodes // 10)
-    settings = dict(generator=GENERATOR, oracle="CubePlanOracle", noise=0.1, noise_smoothing=0.5,
-                    p_stack_range=list(P_STACK_RANGE[dataset_name]), episodes=num_episodes, val_episodes=num_val,
-                    episode_steps=EPISODE_STEPS, seed=seed)
+    settings = generation_settings(dataset_name, num_episodes, seed)
+    num_val = settings["val_episodes"]
     existing = {p: read_settings(p) for p in (train_path, val_path) if os.path.exists(p)}
     for p, made in existing.items():
         if made is None:
@@ -229,6 +265,27 @@ def dataset_name(env: str) -> str | None:
     return name if name in PUBLIC_EPISODES else None
 
 
+PLANNER_STEPS_PER_S = 300  # one process of OGBench's scripted planner: 300-450 steps/s on this project's CPUs
+
+
+def generation_plan(env_name: str, dataset_dir: str | None, generate: bool, episodes: int | None, seed: int,
+                    workers: int) -> tuple[str, float] | None:
+    """What find_dataset would generate, said before it starts: (what, estimated seconds), or None where the
+    files are on disk (OGBench's, or generated ones: reused when their settings match)."""
+    name = dataset_name(env_name)
+    official_dir = os.path.expanduser(dataset_dir or "~/.ogbench/data")
+    episodes = episodes or PUBLIC_EPISODES[name]
+    out_dir = official_dir if dataset_dir and generate else default_generated_dir(name, episodes, seed)
+    on_disk = [d for d in ([] if generate else [official_dir]) + [out_dir]
+               if all(os.path.exists(os.path.join(d, f"{name}{s}.npz")) for s in ("", "-val"))]
+    if on_disk:
+        return None
+    total = episodes + generation_settings(name, episodes, seed)["val_episodes"]
+    procs, when = min(workers or os.cpu_count() or 1, total), "" if generate else "if OGBench's download fails, "
+    return (f"{when}{episodes:,} + {total - episodes:,} episodes of {EPISODE_STEPS:,} steps generated with OGBench's "
+            f"planner on {procs} processes", total * EPISODE_STEPS / PLANNER_STEPS_PER_S / procs)
+
+
 def find_dataset(env_name: str, dataset_dir: str | None, generate: bool, episodes: int | None, seed: int,
                  workers: int) -> str:
     """Directory holding <dataset>.npz: OGBench's files if present, else its download, else the files
@@ -252,12 +309,20 @@ def find_dataset(env_name: str, dataset_dir: str | None, generate: bool, episode
 
 def load_dataset(env_name: str, dataset_dir: str, env=None) -> dict:
     """The training split through OGBench's own loader, which relabels single-task rewards from qpos with `env`
-    (the task's env, made here if not given: building one compiles the MuJoCo model, about 1.5 s)."""
+    (the task's env, made here if not given: building one compiles the MuJoCo model, about 1.5 s). Both files are
+    checked first: readable, rows of one length, no NaN or inf, actions within [-1, 1] (check_values)."""
     name, fix = dataset_name(env_name), "delete it and rerun with --generate-data to regenerate it"
     for path in [os.path.join(dataset_dir, f"{name}{s}.npz") for s in ("", "-val")]:  # name the broken file
         try:
             with np.load(path, allow_pickle=False) as f:
-                lengths = {k: f[k].shape[0] for k in ("observations", "actions", "terminals", "qpos")}
+                lengths = {}
+                for k in ("observations", "actions", "terminals", "qpos", "rewards"):  # rewards: OGBench relabels
+                    if k in f.files or k != "rewards":  # them from qpos, so play files have none
+                        x = f[k]  # one array at a time: a big file's arrays are hundreds of MB each
+                        lengths[k] = x.shape[0]
+                        check_values(x, f"{path}: {k}", fix, bounded=k == "actions")
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"cannot read dataset file {path} ({type(e).__name__}: {e}); it is missing, corrupt "
                             f"or lacks a key: {fix}") from None

@@ -49,6 +49,7 @@ ROBOMIMIC_TASKS = {
     "square": dict(env_name="NutAssemblySquare", max_episode_steps=400, dataset="square/mh/low_dim_v141.hdf5"),
 }
 OBS_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+ACTION_SLACK = 1e-3  # actions further than this outside [-1, 1] are not rounding: the protocol's clip would hide them
 DEFAULT_ROOT = "~/.robomimic"
 
 
@@ -183,9 +184,24 @@ def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
         if n == 0 or not len(d["obs"]) == len(d["next_obs"]) == len(rew) == n:
             raise DataError(f"{path}: {name} has obs/next_obs/actions/rewards of lengths {len(d['obs'])}/"
                                f"{len(d['next_obs'])}/{n}/{len(rew)}. {fix}")
+        if d["obs"].shape[1] != demos[0]["obs"].shape[1] or d["next_obs"].shape[1] != demos[0]["obs"].shape[1]:
+            raise DataError(f"{path}: {name} has observations of size {d['obs'].shape[1]} (next_obs "
+                            f"{d['next_obs'].shape[1]}), {names[0]} of size {demos[0]['obs'].shape[1]}; the keys "
+                            f"{', '.join(OBS_KEYS)} differ in size between demos. {fix}")
+        for key in ("obs", "next_obs", "actions", "rewards"):
+            finite = np.isfinite(d[key]).reshape(n, -1).all(axis=1)
+            if not finite.all():
+                raise DataError(f"{path}: {name}'s {key} has NaN or inf values in {np.count_nonzero(~finite)} "
+                                f"row(s), the first in row {np.argmin(finite)} of {name}. {fix}")
         if not np.isin(rew, (0.0, 1.0)).all():
             raise DataError(f"{path}: {name} has rewards other than 0/1 (a dense-reward file?); the protocol uses "
                                f"the sparse low_dim files")
+    beyond = {name: np.abs(d["actions"]) > 1 + ACTION_SLACK for name, d in zip(names, demos)}
+    if count := sum(np.count_nonzero(b) for b in beyond.values()):
+        name, b = next((name, b) for name, b in beyond.items() if b.any())
+        raise DataError(f"{path}: actions has {count} value(s) outside [-1, 1] by more than {ACTION_SLACK}, the first "
+                        f"in row {np.flatnonzero(b.any(axis=1))[0]} of {name}, which the protocol's clip to [-1, 1] "
+                        f"would hide: the actions need scaling to [-1, 1]")
     cat = (lambda f: np.ascontiguousarray(np.concatenate([f(d) for d in demos]), dtype=np.float32))
     dataset = dict(observations=cat(lambda d: d["obs"]), actions=cat(lambda d: d["actions"]),
                    rewards=cat(lambda d: d["rewards"].ravel() - 1.0), masks=cat(lambda d: d["rewards"].ravel() != 1),
@@ -196,11 +212,17 @@ def read_robomimic_hdf5(path: str, task: str, num_demos: int = None):
     return dataset, env_args, scripted
 
 
-def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
+def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None, check_env: bool = False,
+                   generate: bool = False):
     """(dataset, make_env) for 'lift', 'can' or 'square', as mvp.py's load_task uses them. The file: dataset_dir
     itself if it is an .hdf5 file (the scripted ones made below, say), else <dataset_dir or ~/.robomimic>/
     <task>/mh/low_dim_v141.hdf5; a missing file's error names its download and the scripted alternative.
-    make_env() builds a NEW env from the file's own env_args, and carries .dataset_path, .scripted, .env_args."""
+    make_env() builds a NEW env from the file's own env_args, and carries .dataset_path, .scripted, .env_args.
+    check_env: build one env now and check the file's observation and action sizes against it (the env is then
+    make_env()'s first, as a build costs seconds). generate (mvp.py's --generate-data) is refused with the command."""
+    if generate:
+        raise DataError(f"scripted robomimic demos are not the paper's data and have their own command: python "
+                        f"prepare_robomimic.py {task}, then --dataset-dir with the file it names")
     direct = dataset_dir is not None and str(dataset_dir).endswith((".hdf5", ".h5"))
     path = os.path.expanduser(dataset_dir) if direct else default_dataset_path(task, dataset_dir)
     if not os.path.exists(path):
@@ -215,9 +237,18 @@ def load_robomimic(task: str, dataset_dir: str = None, num_demos: int = None):
         print(f"[robomimic] {path}: SCRIPTED demos ({scripted.get('demonstrator')}), not the human data of the "
               f"paper; results are not comparable.", file=sys.stderr)
 
-    def make_env():
-        return RobomimicEnv(env_args, ROBOMIMIC_TASKS[task]["max_episode_steps"], source=path)
+    built = []
 
+    def make_env():
+        return built.pop() if built else RobomimicEnv(env_args, ROBOMIMIC_TASKS[task]["max_episode_steps"], source=path)
+
+    if check_env:
+        built.append(make_env())
+        (obs_dim,), (act_dim,) = built[0].observation_space.shape, built[0].action_space.shape
+        if dataset["observations"].shape[1] != obs_dim or dataset["actions"].shape[1] != act_dim:
+            raise DataError(f"{path} holds observations/actions of size {dataset['observations'].shape[1]}/"
+                            f"{dataset['actions'].shape[1]}, but the {task} env its env_args build has "
+                            f"{obs_dim}/{act_dim}: a file of another setup (robot, objects, observation keys)")
     make_env.dataset_path, make_env.scripted, make_env.env_args = path, scripted, env_args
     return dataset, make_env
 
@@ -242,13 +273,13 @@ def robomimic_env_args(task: str) -> dict:
 
 # ---- the human data: a download --------------------------------------------------------------------
 def download(url: str, path: str, timeout: float = 30.0):
-    """Fetch url to path (through path + '.tmp', then renamed, so a partial file is never used)."""
+    """Fetch url to path (through path.<pid>.tmp, then renamed, so a partial file is never used)."""
     import urllib.request
     from tqdm import tqdm
     folder = os.path.dirname(path) or "."
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    tmp, ok = path + ".tmp", False
+    tmp, ok = f"{path}.{os.getpid()}.tmp", False
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as out:
             total = int(r.headers.get("Content-Length") or 0) or None
@@ -435,9 +466,10 @@ def _start_parts(parts: str, settings: dict):
     if not same:
         shutil.rmtree(parts, ignore_errors=True)
         os.makedirs(parts)
-        with open(marker + ".tmp", "w") as f:
+        tmp = f"{marker}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(settings, f)
-        os.replace(marker + ".tmp", marker)
+        os.replace(tmp, marker)
 
 
 def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise_std: float = SCRIPTED_NOISE_STD,
@@ -448,7 +480,16 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     are dropped and counted; data.attrs['mvp_scripted'] records the settings and the success rate. A file with
     the same settings is reused; a file without the marker is never overwritten. Each attempt's outcome is kept
     in <path>.parts/ as it finishes (a demo's arrays, or an empty file for a failure), so an interrupted run
-    continues; the file is assembled from the parts at the end, which are then deleted."""
+    continues; the file is assembled from the parts at the end, which are then deleted. One process at a time:
+    another one making the same file waits for it, says so, and then uses its file."""
+    from run_utils import producing  # here: importing this file needs no torch
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with producing(f"{path}.lock", f"[robomimic] another process (pid {{pid}}) is making {path}: waiting for it, "
+                                   f"then using its file"):
+        return _generate_scripted(task, path, num_demos, seed, noise_std, max_attempts)
+
+
+def _generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_std: float, max_attempts: int) -> str:
     if task not in SCRIPTED:
         raise DataError(f"no scripted demonstrator for {task} (only {', '.join(SCRIPTED)}); download the "
                                f"human data: python prepare_robomimic.py {task} --download (or fetch "
@@ -484,10 +525,11 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
                       dynamic_ncols=True) as bar:
                 while successes < num_demos and attempts < max_attempts:
                     demo = _attempt(task, env, seed, attempts, noise_std)
-                    with open(part(attempts) + ".tmp", "wb") as f:  # an empty file: this attempt failed
+                    tmp = f"{part(attempts)}.{os.getpid()}.tmp"
+                    with open(tmp, "wb") as f:  # an empty file: this attempt failed
                         if demo is not None:
                             np.savez(f, **demo)
-                    os.replace(part(attempts) + ".tmp", part(attempts))
+                    os.replace(tmp, part(attempts))
                     attempts, successes = attempts + 1, successes + (demo is not None)
                     bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.2f}", refresh=False)
                     bar.update(int(demo is not None))
@@ -505,8 +547,9 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
     settings.update(attempts=attempts, success_rate=round(successes / attempts, 4))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     demos, total = [part(j) for j in range(attempts) if os.path.getsize(part(j)) > 0], 0
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with h5py.File(path + ".tmp", "w") as f:
+        with h5py.File(tmp, "w") as f:
             data = f.create_group("data")
             for i, p in enumerate(demos):
                 g = data.create_group(f"demo_{i}")
@@ -518,10 +561,10 @@ def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(env_args, indent=4)
             data.attrs["mvp_scripted"] = json.dumps(settings)  # read_robomimic_hdf5 reads it and warns
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     finally:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
     shutil.rmtree(parts)
     print(f"[robomimic] wrote {num_demos} scripted {task} demos ({total} steps) to {path}; scripted success rate "
           f"{settings['success_rate']:.2f} ({attempts} attempts, {time.time() - started:.0f} s)", file=sys.stderr)

@@ -120,6 +120,12 @@ def synthetic_buffer(obs_dim: int, action_dim: int, rows: int, capacity: int, de
     return mvp.ReplayBuffer(data, capacity, device)
 
 
+def train_step_fn(learner, buf, args, gen, device):
+    """mvp.train_step on buffer chunks, compiled or replayed as a CUDA graph as args say (what mvp.train runs)."""
+    return mvp.make_train_step(learner, buf, mvp.buffer_target, mvp.hyperparams(args), gen, args.compile,
+                               mvp.use_cuda_graph(args, device))
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # timers must see finished kernels
@@ -128,7 +134,7 @@ def sync(device):
 def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int = 3, start_at: float = 0.0) -> float:
     """Offline updates per second over at least `seconds`, after warm-up (and recording, with CUDA graphs);
     timing starts no earlier than the wall-clock time `start_at` (share's processes start together)."""
-    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    step = train_step_fn(learner, buf, args, gen, device)
     for _ in range(5):
         step()
     sync(device)
@@ -144,15 +150,15 @@ def time_updates(learner, buf, args, gen, device, seconds: float, min_iters: int
 def time_online(learner, env, buf, args, gen, device, seconds: float, min_iters: int = 3) -> float:
     """Online env steps per second: best-of-N chunk every h steps, env step, buffer add, one update."""
     obs, _ = env.reset(seed=0)
-    queue = []
-    step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+    queue, actor = [], mvp.Actor(learner, device, mvp.use_cuda_graph(args, device))
+    step = train_step_fn(learner, buf, args, gen, device)
     for _ in range(5):
         step()
     sync(device)
     start, n = time.perf_counter(), 0
     while n < min_iters or time.perf_counter() - start < seconds:
         if not queue:
-            queue = list(mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen))
+            queue = list(actor(obs, args.num_candidates, args.chunk_len, gen))
         action = queue.pop(0)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         buf.add(obs, action, reward, 1.0 - float(terminated), float(terminated or truncated), next_obs)
@@ -182,7 +188,8 @@ def time_calls(fn, device, calls: int, warmup: int = 1) -> list[float]:
 
 def time_latency(learner, obs, args, device, gen, calls: int) -> list[float]:
     """Milliseconds to pick one action chunk for one observation (best-of-N, N candidates)."""
-    act = lambda: mvp.act_chunk(learner, obs, args.num_candidates, args.chunk_len, device, gen)
+    actor = mvp.Actor(learner, device, mvp.use_cuda_graph(args, device))
+    act = lambda: actor(obs, args.num_candidates, args.chunk_len, gen)
     return time_calls(act, device, calls)
 
 
@@ -314,7 +321,7 @@ def step_macs(learner, num_candidates: int, policy_calls: int) -> int:
     return num_candidates * (policy_calls * policy + critic)
 
 
-# how one chunk is computed: mvp.act_chunk, or the exported step through onnx_policy.OnnxPolicy.act, its critic
+# how one chunk is computed: mvp.act, or the exported step through onnx_policy.OnnxPolicy.act, its critic
 # layers split member by member and constants folded (export_onnx's default) or as exported (a batched MatMul per
 # critic layer)
 PARTS = ("policy", "critic", "run")  # a policy call, a critic-ensemble call, onnxruntime's cost of one run
@@ -359,7 +366,7 @@ def part_calls(learner, obs, args, runtime: str, folder: str) -> dict:
 
 
 def latency(opts) -> dict:
-    """p50 / p99 / max ms of one best-of-N action chunk for one observation: eager torch (mvp.act_chunk) against
+    """p50 / p99 / max ms of one best-of-N action chunk for one observation: eager torch (mvp.act) against
     the exported step in onnxruntime (onnx_policy.OnnxPolicy.act), both on one thread, every method and network
     size in one process, calls interleaved in rounds so a busy machine's drifts hit all rows alike."""
     import tempfile
@@ -388,8 +395,8 @@ def latency(opts) -> dict:
             for runtime in opts.runtimes:
                 if runtime == "eager":
                     gen = torch.Generator().manual_seed(0)
-                    fns[size, m, runtime] = functools.partial(mvp.act_chunk, learner, obs0, args.num_candidates,
-                                                              args.chunk_len, device, gen)
+                    fns[size, m, runtime] = functools.partial(mvp.act, learner, obs0, args.num_candidates,
+                                                              args.chunk_len, gen)
                 else:
                     path = os.path.join(folder, f"{m}_{size}_{runtime}.onnx")
                     export_onnx.export_policy(learner, args, obs_dim, path, meta, rewrite=runtime == "onnx")
@@ -540,7 +547,7 @@ def graph_check(opts) -> dict:
             gen = mvp.seed_everything(0, device)
             learner = mvp.make_learner(obs_dim, action_dim * args.chunk_len, args, device)
             buf = synthetic_buffer(obs_dim, action_dim, 20_000, 20_000, device)
-            step = mvp.make_train_step(learner, buf, mvp.buffer_target, args, gen)
+            step = train_step_fn(learner, buf, args, gen, device)
             keys = sorted(step())  # the logged quantities (this first step is part of the run in every mode)
             losses = torch.stack([torch.stack([v for _, v in sorted(step().items())]).clone()
                                   for _ in range(opts.updates)])
@@ -669,6 +676,27 @@ def run_logged(run_dir: str, cmd: list[str]) -> int:
     env = dict(os.environ, TQDM_MININTERVAL=os.environ.get("TQDM_MININTERVAL", "30"))  # a line per 30 s in the log
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:
         return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=HERE, env=env).returncode
+
+
+def prepare_data(todo: list[tuple[str, list[str]]]):
+    """Each OGBench task's data, found, downloaded or generated here once, as its runs would (mvp.load_task), before
+    they start: runs side by side, or Slurm jobs, would each find it missing and make it at the same time (and on a
+    network file system a lock is not to be trusted). robomimic's files are only read."""
+    done = set()
+    for _, cmd in todo:
+        args = mvp.parse_args(cmd[2:])
+        env, generate = mvp.resolve_env_name(args.env), args.generate_data or args.dataset_episodes
+        key = (prepare_ogbench.dataset_name(env), args.dataset_dir, bool(generate), args.dataset_episodes,
+               args.data_seed)
+        if env in mvp.prepare_robomimic.ROBOMIMIC_TASKS or key in done:
+            continue
+        done.add(key)
+        print(f"[suite] the data of {args.env}, once, before its runs start")
+        try:
+            prepare_ogbench.find_dataset(env, args.dataset_dir, generate, args.dataset_episodes, args.data_seed,
+                                         args.data_workers)
+        except prepare_ogbench.DataError as e:
+            raise SystemExit(f"error: {e}")
 
 
 INTERRUPTED = (130, 143)  # mvp.py saved after Ctrl-C or SIGTERM (e.g. Slurm's time limit)
@@ -823,6 +851,8 @@ def suite(opts):
         for d, c in todo:
             print(shlex.join(c))  # quoted as a shell reads it back
         return None
+    if todo and not opts.report_only and (opts.workers > 1 or opts.launcher == "slurm"):  # one at a time, the first
+        prepare_data(todo)  # run makes a task's data and the next ones reuse it; side by side, each would make it
     codes = launch(opts, todo) if todo and not opts.report_only else []
     table = aggregate(opts.out_dir, opts.tasks, opts.methods, opts.seeds, opts.report_steps)
     if any(row["cells"] for row in table.values()):
@@ -960,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="networks, LAYERSxWIDTH (default 4x512 2x256)")
     t.add_argument("--methods", nargs="+", default=["mvp", "flow10"], choices=list(METHODS))
     t.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES),
-                   help="eager: mvp.act_chunk; onnx: the exported step; onnx-batched: as the exporter wrote it")
+                   help="eager: mvp.act; onnx: the exported step; onnx-batched: as the exporter wrote it")
     t.add_argument("--num-candidates", type=int, default=32)
     t.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1; onnxruntime: always 1)")
     t.add_argument("--calls", type=int, default=1000,

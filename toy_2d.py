@@ -21,10 +21,13 @@ std over seeds, with SW2 during training to show where it flattens, (2) the erro
 truth: at the boundary u(x, t, t) against v*, and u(x, 0, r) against u*(x, 0, r) for each r (t held
 at 0, so r = 1 is the one-step map), and (3) a picture of the boundary with and without IVC.
 
-Run:    python toy_2d.py            (ring8, 3 seeds, mf/mvp/meanflow/fm, 2 worker processes; about 5 min on 2 cores)
+Run:    python toy_2d.py --quick    (ring8, 1 seed, mf and mvp, 2,000 steps, 1 process: about 45 s of one core;
+                                     the error of u at r - t = 0 without and with IVC, a figure and a number)
+        python toy_2d.py            (ring8, 3 seeds, mf/mvp/meanflow/fm, 2 worker processes; about 5 min on 2 cores)
         python toy_2d.py --full     (every target and variant)
-        python toy_2d.py --quick    (smoke test, well under 30 s)
-Writes: <out-dir>/toy_2d.png, <out-dir>/toy_2d_ivc.png, <out-dir>/toy_2d.json, and prints a markdown table.
+        python toy_2d.py --smoke    (tiny budgets for the tests, well under 30 s: noise clouds, nothing to read)
+Writes: <out-dir>/toy_2d.png, <out-dir>/toy_2d_ivc.png, <out-dir>/toy_2d.json, and prints a markdown table and,
+where mf and mvp both ran, a headline line: the error of u at r - t = 0 without and with IVC.
 
 Time convention as in mvp.py and the paper: noise at t = 0, data at t = 1,
 a_t = (1 - t) eps + t a1, v = a1 - eps.
@@ -75,7 +78,9 @@ class ToyArgs:
     workers: int = field(default=2, metadata=dict(help="training processes (1: train in this process)"))
     curve_points: int = field(default=8, metadata=dict(help="SW2 evaluations during each training run (0: none)"))
     out_dir: str = field(default="toy_out", metadata=dict(help="where toy_2d.png, toy_2d_ivc.png and toy_2d.json go"))
-    quick: bool = field(default=False, metadata=dict(help="tiny budgets for a smoke test, in this process"))
+    quick: bool = field(default=False, metadata=dict(
+        help="the first look: ring8, 1 seed, mf and mvp, 2,000 steps, in this process (about 45 s of one core)"))
+    smoke: bool = field(default=False, metadata=dict(help="tiny budgets for the tests' smoke runs, in this process"))
 
     @property
     def target_list(self) -> list[str]:
@@ -86,12 +91,17 @@ class ToyArgs:
         return list(VARIANT_NAMES) if self.full else self.variants.split(",")
 
 
-QUICK = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40, workers=1,
+# --quick: the smallest run that shows IVC's effect (the short-interval error of u) and the ring. At 2,000
+# steps one seed gives the SW2 of docs/results.md's budgets check (0.179 / 0.174 for mf / mvp).
+QUICK = dict(targets="ring8", variants="mf,mvp", seeds=1, steps=2000, workers=1)
+# --smoke: tiny budgets for the tests; every sample panel is a noise cloud.
+SMOKE = dict(seeds=2, steps=40, batch_size=256, eval_samples=2048, eval_points=256, ode_steps=40, workers=1,
              curve_points=2)
 
 
 def parse_args(argv=None) -> ToyArgs:
-    """Flags with dashes built from ToyArgs; --quick sets the budgets it names in QUICK unless given."""
+    """Flags with dashes built from ToyArgs; --quick and --smoke set the budgets they name in QUICK and SMOKE,
+    except where a flag is given."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(ToyArgs):
         flag = "--" + f.name.replace("_", "-")
@@ -101,9 +111,13 @@ def parse_args(argv=None) -> ToyArgs:
             kind = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default {f.default})")
     args = ToyArgs(**vars(parser.parse_args(argv)))
-    if args.quick:  # the budgets of QUICK, where the flag was left at its default
-        defaults = {f.name: f.default for f in dataclasses.fields(ToyArgs)}
-        args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if getattr(args, k) == defaults[k]})
+    if args.quick and args.smoke:
+        parser.error("--quick and --smoke are two budgets; give one")
+    if args.quick or args.smoke:  # the budgets of QUICK or SMOKE, for the flags not given
+        parser.set_defaults(**{f.name: None for f in dataclasses.fields(ToyArgs)})  # a second parse: None = not given
+        given = {k for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+        budget = QUICK if args.quick else SMOKE
+        args = dataclasses.replace(args, **{k: v for k, v in budget.items() if k not in given})
     for name, given, known in [("targets", args.target_list, TARGET_NAMES),
                                ("variants", args.variant_list, VARIANT_NAMES)]:
         unknown = set(given) - set(known)
@@ -281,17 +295,14 @@ def sliced_wasserstein(x, y, num_directions: int = 32):
 # ================================================================================================
 # Variants: each is a loss (what trains) and a sampler (how noise becomes a sample)
 # ================================================================================================
-TIME_SAMPLER = dict(sampler=mvp.Args.time_sampler, mu=mvp.Args.time_mu, sigma=mvp.Args.time_sigma)  # mvp.py's defaults
-
-
 def mean_flow_loss_fn(ivc_coef: float, equal_frac: float, **sampler):
     """mvp.policy_loss with a given lambda and fraction of r = t rows; chunk_len = 1 for 2D actions.
-    `sampler` overrides mvp.sample_times' settings (sampler=..., one_step_frac=...)."""
-    time_kw = dict(TIME_SAMPLER, equal_frac=equal_frac, **sampler)
+    `sampler` overrides other fields of mvp.TimeSampler, mvp.py's defaults (kind=..., one_step_frac=...)."""
+    times = mvp.TimeSampler(equal_frac=equal_frac, **sampler)
 
     def loss_fn(net, obs, a1, generator):
         valid = torch.ones(a1.shape[0], 1)  # (B, chunk_len = 1): no episode ends in the toy
-        return mvp.policy_loss(net, obs, a1, valid, ivc_coef, 1, time_kw, generator)[0]
+        return mvp.policy_loss(net, obs, a1, valid, 1, generator, ivc_coef=ivc_coef, times=times)[0]
     return loss_fn
 
 
@@ -346,8 +357,8 @@ def make_variants(args: ToyArgs) -> dict[str, Variant]:
         Variant("fm", flow_matching_loss,
                 {"fm_1step": ("flow matching, 1 Euler step", lambda n, o, e: euler(n, o, e, 1)),
                  "fm_10step": ("flow matching, 10 Euler steps", lambda n, o, e: euler(n, o, e, 10))}, False),
-        mean_flow("mvp_logitnormal", "MVP, logit-normal (t, r), 1 step", args.ivc_coef, sampler="logit_normal"),
-        mean_flow("mvp_gap", "MVP, r - t ~ U(0, 1), 1 step", args.ivc_coef, sampler="gap_uniform"),
+        mean_flow("mvp_logitnormal", "MVP, logit-normal (t, r), 1 step", args.ivc_coef, kind="logit_normal"),
+        mean_flow("mvp_gap", "MVP, r - t ~ U(0, 1), 1 step", args.ivc_coef, kind="gap_uniform"),
         mean_flow("mvp_onestep", "MVP, 25% of rows at (0, 1), 1 step", args.ivc_coef, one_step_frac=0.25),
     ]
     return {v.name: v for v in variants}
@@ -527,6 +538,20 @@ def markdown_table(results: dict, variants: dict) -> str:
     return "\n".join(rows)
 
 
+def headline(results: dict) -> str | None:
+    """One line for the first target where mf and mvp both ran: the error of u(x, 0, 0) against v*(x, 0),
+    where L_MF alone leaves u free and IVC pins it, and the two one-step SW2s (means over seeds)."""
+    tname, res = next(iter(results.items()))
+    if not {"mf", "mvp"} <= set(res["u_err"]):
+        return None
+    col = 1 + GAPS.index(0.0)  # probe 0 is the boundary over t ~ U(0, 1); then t = 0 and r - t in GAPS
+    err = {v: mean_std([e[col] for e in res["u_err"][v]])[0] for v in ("mf", "mvp")}
+    sw = {v: mean_std(res["sw"][v])[0] for v in ("mf", "mvp")}
+    floor = mean_std(res["sw_floor"])[0]
+    return (f"{tname}: error of u at r - t = 0 (t = 0) {err['mf']:.2f} without IVC (L_MF only), {err['mvp']:.2f} "
+            f"with IVC (MVP); one-step SW2 {sw['mf']:.3f} and {sw['mvp']:.3f} (floor {floor:.3f})")
+
+
 COLORS = {"mf": "tab:red", "mvp": "tab:blue", "meanflow": "tab:green", "fm": "tab:gray",
           "mvp_logitnormal": "tab:purple", "mvp_gap": "tab:orange", "mvp_onestep": "tab:brown"}
 SCATTER = ("mf", "mvp", "meanflow", "fm_1step", "fm_10step")  # sample panels, where they were trained
@@ -583,6 +608,12 @@ def plot(results: dict, samples: dict, variants: dict, path: str):
             ax_err.fill_between(GAPS, [max(a - b, 1e-6) for a, b in zip(mu, sd)], [a + b for a, b in zip(mu, sd)],
                                 color=COLORS[vname], alpha=0.15)
         ax_err.plot(GAPS, res["true_v_as_proxy"], ":", color="k", label="error of u: the true v*(x, 0) as proxy")
+        for vname in ("mf", "mvp"):  # IVC's effect in two numbers: the error at r - t = 0, without and with it
+            if vname in res["u_err"]:
+                y = mean_std([c[1 + GAPS.index(0.0)] for c in res["u_err"][vname]])[0]
+                ax_err.annotate(f"{y:.2f}", (0.0, y), xytext=(6, 3), textcoords="offset points", fontsize=9,
+                                color=COLORS[vname], fontweight="bold", zorder=5,
+                                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.85))
         ax_err.set_yscale("log")
         mean_flow = [mean_std([c[1 + i] for c in curves])[0] for v, curves in res["u_err"].items() if v != "fm"
                      for i in range(len(GAPS))]
@@ -710,12 +741,12 @@ def run(args: ToyArgs) -> dict:
     plot(results, samples, variants, os.path.join(args.out_dir, "toy_2d.png"))
     if ivc:
         plot_ivc(ivc, os.path.join(args.out_dir, "toy_2d_ivc.png"))
-    report = dict(config=dataclasses.asdict(args), gaps=list(GAPS), time_sampler=TIME_SAMPLER,
+    report = dict(config=dataclasses.asdict(args), gaps=list(GAPS), time_sampler=dataclasses.asdict(mvp.TimeSampler()),
                   seconds=round(time.time() - t_start, 1), results=results,
                   ivc_boundary_mse=ivc and dict(times=list(IVC_TIMES), **ivc["mse"]))
     with open(os.path.join(args.out_dir, "toy_2d.json"), "w") as f:
         json.dump(report, f, indent=1)
-    report["table"] = markdown_table(results, variants)
+    report["table"], report["headline"] = markdown_table(results, variants), headline(results)
     return report
 
 
@@ -735,6 +766,8 @@ def main(argv=None):
           f"{args.workers} worker(s). Wrote toy_2d.png, toy_2d.json"
           f"{' and toy_2d_ivc.png' if report['ivc_boundary_mse'] else ''} "
           f"in {args.out_dir}")
+    if report["headline"]:  # the number to read with the figure's error panel
+        print(report["headline"])
     return report
 
 

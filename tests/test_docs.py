@@ -1,0 +1,57 @@
+"""The docs stay true: every `python <script>.py ...` command in README.md and docs/*.md parses."""
+import os
+
+import pytest
+
+import mvp
+import prepare_ogbench
+import prepare_robomimic
+import run_benchmarks
+from tests.helpers import HERE
+
+SCRIPTS = ("mvp", "run_benchmarks", "prepare_ogbench", "prepare_robomimic")
+
+
+def doc_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(script, argv) of every `python <script>.py ...` in a markdown text: code-block lines (with backslash
+    continuations, comments dropped) and inline code spans (which may wrap across lines). Commands with
+    placeholders (<run>, ..., [N]) are skipped."""
+    import re
+    import shlex
+    found = []
+    text = re.sub(r"\\\n\s*", " ", text)
+    spans = re.findall(r"`([^`]*)`", text) + [line for line in text.splitlines() if line.startswith("python ")]
+    for span in spans:
+        for part in re.split(r"&&|;", " ".join(span.split())):
+            m = re.match(rf"\s*python ({'|'.join(SCRIPTS)})\.py(.*)", part)
+            if m and not re.search(r"<|\.\.\.|\[|\||RUN_DIR|\b[NS]\b", m[2].split("#")[0]):
+                found.append((m[1], shlex.split(m[2].split(" #")[0])))
+    return found
+
+
+def check_command_parses(script: str, argv: list[str]):
+    if script == "run_benchmarks":
+        return run_benchmarks.build_parser().parse_args(argv)
+    return {"mvp": mvp, "prepare_ogbench": prepare_ogbench, "prepare_robomimic": prepare_robomimic}[script] \
+        .build_parser().parse_args(argv)
+
+
+def test_every_command_in_the_docs_parses():
+    import glob
+    commands = [(path, c) for path in ["README.md", *glob.glob(os.path.join(HERE, "docs", "*.md"))]
+                for c in doc_commands(open(os.path.join(HERE, path)).read())]
+    assert len(commands) > 30 and {s for _, (s, _) in commands} == set(SCRIPTS)
+    for path, (script, argv) in commands:
+        try:
+            check_command_parses(script, argv)
+        except SystemExit:
+            pytest.fail(f"{path}: python {script}.py {' '.join(argv)} does not parse")
+
+
+def test_a_misspelt_flag_in_a_doc_command_fails_the_check():
+    (script, argv), = doc_commands("Run `python mvp.py --env cube-single-task1 --hidden-dims 256` first.")
+    with pytest.raises(SystemExit):
+        check_command_parses(script, argv)
+    (script, argv), = doc_commands("```bash\npython mvp.py --env cube-single-task1 --hidden-dim 256 \\\n"
+                                   "    --threads 1   # a comment\n```")
+    assert argv[-2:] == ["--threads", "1"] and check_command_parses(script, argv).hidden_dim == 256
