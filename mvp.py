@@ -862,12 +862,13 @@ def say_plan(env_name: str, args: Args, device: torch.device, pos: dict):
     data = None if env_name in prepare_robomimic.ROBOMIMIC_TASKS else prepare_ogbench.generation_plan(
         env_name, args.dataset_dir, args.generate_data or args.dataset_episodes, args.dataset_episodes,
         args.data_seed, args.data_workers)
-    n, obs_dim, action_dim = 4 * args.batch_size + args.chunk_len, 40, 5
-    rows = dict(observations=np.zeros((n, obs_dim)), actions=np.zeros((n, action_dim)), rewards=np.zeros(n),
-                masks=np.ones(n), terminals=np.zeros(n), next_observations=np.zeros((n, obs_dim)))
-    learner, buffer = make_learner(obs_dim, action_dim * args.chunk_len, args, device), ReplayBuffer(rows, n, device)
-    rate = calls_per_second(lambda: train_step(learner, buffer, buffer_target, hyperparams(args),
-                                               torch.Generator(device))["critic_loss"])
+    def rate() -> float:  # updates/s of these sizes here, on zero rows (plan_line times only long runs)
+        n, obs_dim, action_dim, gen = 4 * args.batch_size + args.chunk_len, 40, 5, torch.Generator(device)
+        buffer = ReplayBuffer(dict(observations=np.zeros((n, obs_dim)), actions=np.zeros((n, action_dim)),
+                                   rewards=np.zeros(n), masks=np.ones(n), terminals=np.zeros(n),
+                                   next_observations=np.zeros((n, obs_dim))), n, device)
+        learner, hp = make_learner(obs_dim, action_dim * args.chunk_len, args, device), hyperparams(args)
+        return calls_per_second(lambda: train_step(learner, buffer, buffer_target, hp, gen)["q_mean"])
     online = args.online_steps - max(pos["online"], args.start_training - 1)  # online updates begin at start_training
     plan_line(f"{env_name} on {device}, {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, "
               f"N = {args.num_candidates}", data, args.offline_steps - pos["offline"] + max(0, online), rate,

@@ -954,7 +954,8 @@ def plot_runs(run_dirs: list[str], out: str) -> str:
     if legend_ax is not None:
         legend_ax.legend(fontsize=7)
     for ax in axes[1]:
-        ax.set_xlabel(STEP_AXIS["offline"] if not online else STEP_AXIS["online"] + " (dotted: hand-off)")
+        ax.set_xlabel(STEP_AXIS["offline"] if not online else STEP_AXIS["online"] + " (dotted: hand-off)",
+                      fontsize=8)  # the online label spans a panel's width at 8 points, not at 10
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

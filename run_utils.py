@@ -293,13 +293,17 @@ def duration_text(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def plan_line(what: str, data: tuple[str, float] | None, updates: int, rate: float, instead: str):
-    """A run's plan before it spends anything: what it is, the data to make (text, seconds) if any, the updates
-    at the rate timed here; and past a day in all, what to run instead."""
+def plan_line(what: str, data: tuple[str, float] | None, updates: int, rate: Callable[[], float], instead: str,
+              untimed: int = 10_000):
+    """A run's plan before it spends anything: what it is, the data to make (text, seconds) if any, the updates at
+    rate() (timed here, which costs a second or two: not for fewer than `untimed` updates, whose first 200 say
+    it); and past a day in all, what to run instead."""
+    per_s = rate() if updates >= untimed else None
+    took = f"about {duration_text(updates / per_s)} at {per_s:.3g} updates/s (timed here on these sizes; env " \
+           f"steps and evaluations add to it)" if per_s else "timed after the first 200"
     print(f"[mvp] plan: {what}. Data: " + (f"{data[0]}, about {duration_text(data[1])}" if data else "on disk")
-          + f". Training: {updates:,} updates, about {duration_text(updates / rate)} at {rate:.3g} updates/s (timed "
-          f"here on these sizes; env steps and evaluations add to it)", flush=True)
-    if updates / rate + (data[1] if data else 0) > 86400:
+          + f". Training: {updates:,} updates, {took}", flush=True)
+    if (updates / per_s if per_s else 0) + (data[1] if data else 0) > 86400:
         print(f"[mvp] that is more than a day; {instead}", flush=True)
 
 

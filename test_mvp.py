@@ -601,8 +601,8 @@ def test_the_pendulum_example_runs_from_the_copyable_core_alone():
     assert "mvp" in imported and not imported & {"run_utils", "prepare_ogbench", "prepare_robomimic", "export_onnx"}
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and getattr(n.value, "id", "") == "mvp"}
     assert used <= CORE_NAMES and {"new_learner", "train_step", "act", "ReplayBuffer"} <= used, used
-    proc = subprocess.run([sys.executable, path, "--offline-steps", "200", "--online-steps", "200", "--seed", "1"],
-                          capture_output=True, text=True, cwd=HERE, timeout=600)
+    proc = subprocess.run([sys.executable, path, "--offline-steps", "200", "--online-steps", "200", "--seed", "1",
+                           "--eval-episodes", "2"], capture_output=True, text=True, cwd=HERE, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert -1600 < result["random_return"] < -800  # uniform random torques: about -1,200

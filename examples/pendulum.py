@@ -67,9 +67,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--offline-steps", type=int, default=3000, help="updates on the random data (default 3000)")
     parser.add_argument("--online-steps", type=int, default=3000, help="env steps, one update each (default 3000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-episodes", type=int, default=5, help="episodes per evaluation (default 5)")
     args = parser.parse_args(argv)
-    if min(args.offline_steps, args.online_steps) < 0:
-        parser.error("--offline-steps and --online-steps must be >= 0")
+    if min(args.offline_steps, args.online_steps) < 0 or args.eval_episodes < 1:
+        parser.error("--offline-steps and --online-steps must be >= 0, --eval-episodes >= 1")
     torch.set_num_threads(1)  # networks this small run fastest on one thread
     torch.manual_seed(args.seed)
     gen, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
@@ -106,8 +107,8 @@ def main(argv=None) -> dict:
 
     result = dict(seed=args.seed, offline_steps=args.offline_steps, online_steps=args.online_steps,
                   random_return=round(random_return, 1),
-                  best_of_n_return=round(evaluate(env, learner, hp, hp.num_candidates, 5, 20_000), 1),
-                  policy_return=round(evaluate(env, learner, hp, 1, 5, 20_000), 1),
+                  best_of_n_return=round(evaluate(env, learner, hp, hp.num_candidates, args.eval_episodes, 20_000), 1),
+                  policy_return=round(evaluate(env, learner, hp, 1, args.eval_episodes, 20_000), 1),
                   seconds=round(time.time() - began, 1))
     print(json.dumps(result))
     return result
