@@ -4,10 +4,18 @@ tests/helpers.py."""
 import submitit  # noqa: F401  (its import runs logging.config.dictConfig, which closes every logging handler there
 # is: absl's, once an in-process run made one, then closes the stream it holds, pytest's capture, unless this import
 # came first)
+import os
+
 import pytest
+import torch
 
 import prepare_ogbench
 from tests.helpers import RESUMABLE, run_cli
+
+# pytest -n 2 runs two workers on two cores: one thread each, and for the mvp.py processes they start (torch reads
+# OMP_NUM_THREADS), as tiny networks on more threads than free cores spend their time waiting for each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

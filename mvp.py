@@ -645,7 +645,8 @@ def train(args: Args, resume: dict | None = None) -> dict:
 # ================================================================================================
 # ---- the command line: Args -> flags, values checked before anything runs --------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    return dataclass_parser(Args, "MVP: mean velocity policy (offline-to-online RL).")
+    return dataclass_parser(Args, "MVP: mean velocity policy (offline-to-online RL).", dict(
+        Args="the run", Hyperparams="the method (Hyperparams)", how="how it runs (same numbers; a resume may change)"))
 
 
 def parse_args(argv=None) -> Args:
@@ -713,8 +714,7 @@ def env_from_checkpoint(ckpt: dict):
 
 
 # ---- from the command line to the method, and the speed machinery that wraps it -------------------------------
-def hyperparams(args: Args) -> Hyperparams:
-    """The method's settings out of the command line's."""
+def hyperparams(args: Args) -> Hyperparams:  # the method's settings out of the command line's
     return Hyperparams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparams)})
 
 
@@ -926,8 +926,8 @@ class Run:
             self.restore(resume)
         self.segments.append(dict(from_offline_step=self.pos["offline"], from_online_step=self.pos["online"],
                                   torch=str(torch.__version__), **{k: getattr(args, k) for k in sorted(HOW_FLAGS)}))
-        write_json(os.path.join(self.dir, "args.json"),  # rewritten on --resume: phases may have grown
-                             dict(dataclasses.asdict(args), segments=self.segments))
+        # rewritten on --resume: phases may have grown
+        write_json(os.path.join(self.dir, "args.json"), dict(dataclasses.asdict(args), segments=self.segments))
         self.stop, self.saved_at = StopRequest(), time.time()  # Ctrl-C, SIGTERM: save after this step, then exit
 
     def restore(self, state: dict):

@@ -66,18 +66,28 @@ def in_range(x: float, spec: str) -> bool:
     return (lo <= x if spec[0] == "[" else lo < x) and (x <= hi if spec[-1] == "]" else x < hi)
 
 
-def dataclass_parser(cls, description: str) -> argparse.ArgumentParser:
+def dataclass_parser(cls, description: str, titles: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """One flag per field of a dataclass whose metadata holds help (None: no flag), choices and range; dashes for
-    underscores, store_true for bools (with `from __future__ import annotations`, field types are strings)."""
+    underscores, store_true for bools (with `from __future__ import annotations`, field types are strings).
+    titles: --help's sections in order, keyed by the name of the class that declares a field, or "how" for fields
+    whose metadata says how=True; the flags follow that order."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in [f for f in dataclasses.fields(cls) if f.metadata.get("help")]:
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    owner = {name: k.__name__ for k in reversed(cls.__mro__) for name in getattr(k, "__annotations__", {})}
+    keys = list(titles or {})
+    sections = {key: parser.add_argument_group(title) for key, title in (titles or {}).items()}
+
+    def section(f):
+        key = "how" if f.metadata.get("how") else owner[f.name]
+        return key if key in sections else None
+    flagged = [f for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    for f in sorted(flagged, key=lambda f: keys.index(section(f)) if section(f) else len(keys)):
+        meta, flag, group = f.metadata, "--" + f.name.replace("_", "-"), sections.get(section(f), parser)
         if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=meta["help"])
+            group.add_argument(flag, action="store_true", help=meta["help"])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
-                                help=f"{meta['help']} (default {f.default})")
+            group.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
+                               help=f"{meta['help']} (default {f.default})")
     return parser
 
 

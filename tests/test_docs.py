@@ -1,4 +1,5 @@
-"""The docs stay true: every `python <script>.py ...` command in README.md and docs/*.md parses."""
+"""The docs stay true: every `python <script>.py ...` command in README.md and docs/*.md parses; mvp.py --help reads
+in the order a newcomer needs it."""
 import os
 
 import pytest
@@ -55,3 +56,25 @@ def test_a_misspelt_flag_in_a_doc_command_fails_the_check():
     (script, argv), = doc_commands("```bash\npython mvp.py --env cube-single-task1 --hidden-dim 256 \\\n"
                                    "    --threads 1   # a comment\n```")
     assert argv[-2:] == ["--threads", "1"] and check_command_parses(script, argv).hidden_dim == 256
+
+
+def test_help_lists_the_run_then_the_method_then_how_it_runs(capsys):
+    """--help: the run's flags first (--env, --seed, ...), then the method's (Hyperparams: what a copy of the core
+    takes), then how the run runs; every flag in exactly one section, the usage line in the same order."""
+    import dataclasses
+    import re
+    with pytest.raises(SystemExit):
+        mvp.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    titles = ["the run:", "the method (Hyperparams):", "how it runs (same numbers; a resume may change):"]
+    starts = [out.index("\n" + t + "\n") for t in titles]
+    assert starts == sorted(starts)
+    sections = [out[a:b] for a, b in zip(starts, starts[1:] + [len(out)])]
+    flag = lambda f: re.compile(r"\n  --" + f.name.replace("_", "-") + r"[ \n]")
+    method = {f.name for f in dataclasses.fields(mvp.Hyperparams)}
+    how = {f.name for f in dataclasses.fields(mvp.Args) if f.metadata.get("how")}
+    for f in (f for f in dataclasses.fields(mvp.Args) if f.metadata.get("help")):
+        where = [i for i, text in enumerate(sections) if flag(f).search(text)]
+        assert where == [1 if f.name in method else 2 if f.name in how else 0], f.name
+    usage = out[:out.index("\n\n")]
+    assert usage.index("[--env ") < usage.index("[--policy ") < usage.index("[--device ")
