@@ -144,23 +144,6 @@ def read_settings(path: str):
         raise DataError(f"cannot read {path} ({type(e).__name__}: {e}). Delete it and rerun to regenerate it.")
 
 
-def start_parts(parts: str, settings: dict):
-    """The parts folder of this generation: kept if it was made with the same settings, else started over."""
-    marker = os.path.join(parts, "settings.json")
-    try:
-        with open(marker) as f:
-            same = json.load(f) == settings
-    except (OSError, ValueError):  # no folder, or a marker cut short: nothing in it can be trusted
-        same = False
-    if not same:
-        shutil.rmtree(parts, ignore_errors=True)
-        os.makedirs(parts)
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(settings, f)
-        os.replace(tmp, marker)
-
-
 def generation_settings(dataset_name: str, num_episodes: int, seed: int) -> dict:
     """What a generated file records of its making (GENERATED_KEY), and its parts folder (settings.json)."""
     return dict(generator=GENERATOR, oracle="CubePlanOracle", noise=0.1, noise_smoothing=0.5,
@@ -188,6 +171,7 @@ def _generate_dataset(dataset_name: str, out_dir: str, num_episodes: int, seed: 
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
     from tqdm import tqdm
+    from run_utils import start_parts
     train_path, val_path = (os.path.join(out_dir, f"{dataset_name}{s}.npz") for s in ("", "-val"))
     parts = os.path.join(out_dir, f"{dataset_name}.parts")
     settings = generation_settings(dataset_name, num_episodes, seed)

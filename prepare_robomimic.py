@@ -455,23 +455,6 @@ def _read_marker(path: str, h5py):
         return "unreadable"
 
 
-def _start_parts(parts: str, settings: dict):
-    """The parts folder of this generation: kept if it was made with the same settings, else started over."""
-    marker = os.path.join(parts, "settings.json")
-    try:
-        with open(marker) as f:
-            same = json.load(f) == settings
-    except (OSError, ValueError):  # no folder, or a marker cut short: nothing in it can be trusted
-        same = False
-    if not same:
-        shutil.rmtree(parts, ignore_errors=True)
-        os.makedirs(parts)
-        tmp = f"{marker}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(settings, f)
-        os.replace(tmp, marker)
-
-
 def generate_scripted(task: str, path: str, num_demos: int, seed: int = 0, noise_std: float = SCRIPTED_NOISE_STD,
                       max_attempts: int = None) -> str:
     """Record num_demos successful scripted demos of `task` in robomimic's HDF5 layout at path.
@@ -496,6 +479,7 @@ def _generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_st
                                f"{dataset_url(task)} and put it at {default_dataset_path(task)})")
     h5py = import_h5py()
     from tqdm import tqdm
+    from run_utils import start_parts
     cap = ROBOMIMIC_TASKS[task]["max_episode_steps"]
     settings = dict(demonstrator=f"{SCRIPTED[task].__name__} (mvp scripted, not human data)", task=task,
                     num_demos=num_demos, seed=seed, noise_std=noise_std, max_episode_steps=cap,
@@ -512,7 +496,7 @@ def _generate_scripted(task: str, path: str, num_demos: int, seed: int, noise_st
             return path
         print(f"[robomimic] regenerating {path} (settings differ or file unreadable)", file=sys.stderr)
 
-    _start_parts(parts, settings)
+    start_parts(parts, settings)
     part = (lambda j: os.path.join(parts, f"attempt_{j:06d}.npz"))
     attempts = len(glob.glob(os.path.join(parts, "attempt_*.npz")))  # attempts run one by one: 0 .. attempts-1
     successes = sum(os.path.getsize(part(j)) > 0 for j in range(attempts))

@@ -463,6 +463,21 @@ def write_json(path: str, obj):
         os.fsync(f.fileno())
 
 
+def start_parts(parts: str, settings: dict):
+    """The folder of a resumable generation's finished parts: kept if its settings.json holds these settings, else
+    emptied and marked with them (a missing or cut-short marker means nothing in it can be trusted)."""
+    marker = os.path.join(parts, "settings.json")
+    try:
+        with open(marker) as f:
+            if json.load(f) == settings:
+                return
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(parts, ignore_errors=True)
+    os.makedirs(parts)
+    write_json(marker, settings)
+
+
 def cpu_has_bfloat16() -> bool:
     """Native bfloat16 arithmetic (x86 AVX512-BF16 or AMX, Arm BF16); without it torch emulates bfloat16."""
     try:
