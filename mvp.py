@@ -126,8 +126,8 @@ class Args(Hyperparams):
     # data
     dataset_dir: str | None = arg(None, "dataset folder (default ~/.ogbench/data, ~/.robomimic) or robomimic .hdf5")
     generate_data: bool = arg(False, "OGBench: make the play data with OGBench's planner instead of downloading it")
-    dataset_episodes: int | None = arg(None, "OGBench: episodes to generate (implies --generate-data); robomimic: "
-                                       "the first N demos of the file", range="[1, inf)")
+    dataset_episodes: int | None = arg(None, "OGBench: episodes to generate (implies --generate-data); robomimic file: "
+                                       "its first N demos (default: the public size; all)", range="[1, inf)")
     data_seed: int = arg(0, "seed of the generated dataset")
     data_workers: int = arg(0, "worker processes for generation (0: all cores)", range="[0, inf)")
     # output

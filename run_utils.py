@@ -68,7 +68,8 @@ def in_range(x: float, spec: str) -> bool:
 
 def dataclass_parser(cls, description: str, titles: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """One flag per field of a dataclass whose metadata holds help (None: no flag), choices and range; dashes for
-    underscores, store_true for bools (with `from __future__ import annotations`, field types are strings).
+    underscores, store_true for bools (with `from __future__ import annotations`, field types are strings); a
+    default of None is left to the help text to explain.
     titles: --help's sections in order, keyed by the name of the class that declares a field, or "how" for fields
     whose metadata says how=True; the flags follow that order."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
@@ -87,7 +88,7 @@ def dataclass_parser(cls, description: str, titles: dict[str, str] | None = None
         else:
             kind = {"int": int, "float": float, "str": str}[f.type.split(" ")[0]]
             group.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
-                               help=f"{meta['help']} (default {f.default})")
+                               help=meta["help"] + ("" if f.default is None else f" (default {f.default})"))
     return parser
 
 
