@@ -61,7 +61,7 @@ from run_utils import (CUDAGraphed, KEEP_CHECKPOINTS, StopRequest, append_csv, c
 
 
 # ================================================================================================
-# Settings: the method's (Hyperparameters), then the command line's (Args = the method's + how a run runs)
+# Settings: the method's (Hyperparams), then the command line's (Args = the method's + how a run runs)
 # ================================================================================================
 def arg(default, help: str, choices=None, range: str | None = None, how: bool = False):
     """A dataclass field with its --help text, allowed values, range ("[1, inf)", "(0, 1]"; parse_args checks) and
