@@ -961,7 +961,7 @@ class Run:
         from tqdm import tqdm
         start, self.name = self.pos[name], name
         self.bar = tqdm(range(start + 1, total + 1), desc=name, unit="upd" if name == "offline" else "step",
-                        dynamic_ncols=True, initial=start, total=total)
+                        dynamic_ncols=True, initial=start, total=total, disable=total <= start)  # none if done
         self.tick = began = time.time()
         self.eval_seconds, self.updates, self.tick_step = 0.0, 0, start
         if self.pos.get("failed_eval") == name:  # a run resumed after a failed evaluation first runs it again

@@ -359,8 +359,9 @@ def test_a_finished_run_continues_online_exactly_as_the_longer_run(single_dir, u
     offline-only run; it logs what the run with those steps from the start logs. Phases cannot shrink,
     and the offline one cannot change once the online one has begun. How each stretch ran is recorded."""
     run = tmp_path / "run"
-    run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", single_dir, "--run-dir",
-            str(run))
+    proc = run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", single_dir,
+                   "--run-dir", str(run))
+    assert "offline: 100%" in proc.stderr and "online:" not in proc.stderr  # no progress bar for an empty phase
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt")) == ["resume-0000000150.pt",
                                                                           "resume-0000000200.pt"]
     assert _evals(run) == _evals(uninterrupted)[:1]
