@@ -1094,9 +1094,9 @@ def resume_args(args: Args) -> tuple[Args, dict]:
         raise SystemExit(f"error: the run in {args.resume} was trained with --{k.replace('_', '-')} "
                          f"{same(k, getattr(saved, k))}, not {getattr(args, k)}; a resumed run keeps its settings "
                          f"(start a new run to change them)")
-    for k in (explicit & (HOW_FLAGS | grown)) | {"device", "threads"}:
+    for k in (explicit & (HOW_FLAGS | grown)) | {"device"}:  # --threads too is the run's unless given (<= cores)
         setattr(saved, k, getattr(args, k))
-    saved.run_dir = saved.resume = args.resume
+    saved.run_dir, saved.resume, saved.threads = args.resume, args.resume, min(saved.threads, os.cpu_count() or 1)
     print(f"[mvp] resuming from {path}")
     return saved, state
 

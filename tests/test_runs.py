@@ -357,7 +357,8 @@ def test_a_failed_evaluation_saves_and_the_resumed_run_redoes_it(single_dir, uni
 def test_a_finished_run_continues_online_exactly_as_the_longer_run(single_dir, uninterrupted, tmp_path):
     """A phase's end writes a checkpoint, so --resume with a larger --online-steps extends a finished
     offline-only run; it logs what the run with those steps from the start logs. Phases cannot shrink,
-    and the offline one cannot change once the online one has begun. How each stretch ran is recorded."""
+    and the offline one cannot change once the online one has begun. How each stretch ran is recorded; what it
+    was not told anew (here --threads 1) it keeps."""
     run = tmp_path / "run"
     proc = run_cli(*RESUMABLE, "--online-steps", "0", "--save-interval", "150", "--dataset-dir", single_dir,
                    "--run-dir", str(run))
@@ -370,8 +371,9 @@ def test_a_finished_run_continues_online_exactly_as_the_longer_run(single_dir, u
     assert _evals(run) == _evals(uninterrupted)
     saved = json.loads((run / "args.json").read_text())
     assert saved["online_steps"] == 500  # what the suite's plots read
-    segments = [(g["from_offline_step"], g["from_online_step"], g["matmul_precision"]) for g in saved["segments"]]
-    assert segments == [(0, 0, "high"), (200, 0, "highest")]  # not only the newest value
+    segments = [(g["from_offline_step"], g["from_online_step"], g["matmul_precision"], g["threads"])
+                for g in saved["segments"]]
+    assert segments == [(0, 0, "high", 1), (200, 0, "highest", 1)]  # not only the newest value; --threads kept
     assert torch.load(run / "checkpoint.pt", weights_only=True)["segments"] == saved["segments"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["offline_updates_per_s"] is None and summary["online_env_steps_per_s"] > 0  # not a 0.0 speed
